@@ -1,0 +1,298 @@
+// imagefs: the command line client. It writes the catalog directly (SQLite arbitrates between it
+// and the daemon) and pokes the daemon, which picks the change up through inotify.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/error.hpp"
+#include "core/statedir.hpp"
+#include "import/digest.hpp"
+#include "import/source.hpp"
+#include "meta/catalog.hpp"
+
+namespace imagefs {
+namespace {
+
+using json = nlohmann::json;
+
+json to_json(const ImageRow& r) {
+    auto opt = [](const auto& v) -> json { return v ? json(*v) : json(nullptr); };
+    return {{"name", r.name},
+            {"source", r.source},
+            {"source_kind", std::string(to_string(r.kind))},
+            {"state", std::string(to_string(r.state))},
+            {"expected_size", opt(r.expected_size)},
+            {"bytes_imported", r.bytes_imported},
+            {"final_size", opt(r.final_size)},
+            {"sha256", opt(r.sha256)},
+            {"sha512", opt(r.sha512)},
+            {"expected_sha256", opt(r.expected_sha256)},
+            {"expected_sha512", opt(r.expected_sha512)},
+            {"format", opt(r.format)},
+            {"virtual_size", opt(r.virtual_size)},
+            {"attempts", r.attempts},
+            {"last_error", opt(r.last_error)},
+            {"created_at_ms", r.created_at},
+            {"updated_at_ms", r.updated_at},
+            {"activated_at_ms", opt(r.activated_at)}};
+}
+
+std::string human(double bytes) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (bytes >= 1024 && u < 4) {
+        bytes /= 1024;
+        ++u;
+    }
+    char buf[32];
+    std::snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+    return buf;
+}
+
+std::string size_of(const ImageRow& r) {
+    if (r.final_size) return std::to_string(*r.final_size);
+    if (r.expected_size) return std::to_string(*r.expected_size);
+    return "-";
+}
+
+void print_status(const ImageRow& r) {
+    auto line = [](const char* k, const std::string& v) { std::printf("%-16s %s\n", k, v.c_str()); };
+    auto num = [](std::optional<int64_t> v) { return v ? std::to_string(*v) : std::string("-"); };
+    line("name:", r.name);
+    line("state:", std::string(to_string(r.state)));
+    line("source:", r.source);
+    line("expected size:", num(r.expected_size));
+    line("bytes imported:", std::to_string(r.bytes_imported));
+    line("final size:", num(r.final_size));
+    line("format:", r.format.value_or("-"));
+    line("virtual size:", num(r.virtual_size));
+    line("sha256:", r.sha256.value_or("-"));
+    if (r.sha512) line("sha512:", *r.sha512);
+    if (r.expected_sha256) line("expected sha256:", *r.expected_sha256);
+    if (r.expected_sha512) line("expected sha512:", *r.expected_sha512);
+    line("attempts:", std::to_string(r.attempts));
+    if (r.last_error) line("last error:", *r.last_error);
+}
+
+// Follows one image until it is active (exit 0) or failed (exit 1). On a terminal a progress bar
+// is redrawn in place; otherwise a plain line is printed on every state change and every 5 s.
+int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
+    using Clock = std::chrono::steady_clock;
+    const bool tty = ::isatty(STDERR_FILENO);
+    std::optional<State> last_state;
+    auto last_line = Clock::now() - std::chrono::hours(1);
+    auto rate_t0 = Clock::now();
+    int64_t rate_b0 = 0;
+    double rate = 0;
+    bool warned_no_daemon = false;
+    for (;;) {
+        auto row = cat.find(name);
+        if (!row) {
+            if (tty) std::fputc('\n', stderr);
+            std::fprintf(stderr, "imagefs: image '%s' was removed\n", name.c_str());
+            return 1;
+        }
+        if (!warned_no_daemon && (row->state == State::queued) && !daemon_running(dir)) {
+            std::fprintf(stderr,
+                         "imagefs: no imagefsd is serving %s; '%s' is queued and will be "
+                         "imported when the daemon starts\n",
+                         dir.root().c_str(), name.c_str());
+            warned_no_daemon = true;
+        }
+        auto now = Clock::now();
+        double dt = std::chrono::duration<double>(now - rate_t0).count();
+        if (dt >= 1.0) {
+            double inst = (row->bytes_imported - rate_b0) / dt;
+            rate = rate == 0 ? inst : 0.7 * rate + 0.3 * inst;
+            rate_t0 = now;
+            rate_b0 = row->bytes_imported;
+        }
+        bool changed = row->state != last_state;
+        last_state = row->state;
+        std::string progress = human(double(row->bytes_imported));
+        int pct = -1;
+        if (row->expected_size && *row->expected_size > 0) {
+            pct = int(100.0 * double(row->bytes_imported) / double(*row->expected_size));
+            progress += " / " + human(double(*row->expected_size));
+        }
+        std::string eta;
+        if (pct >= 0 && rate > 0 && row->state == State::importing) {
+            int s = int(double(*row->expected_size - row->bytes_imported) / rate);
+            char b[32];
+            std::snprintf(b, sizeof b, " ETA %d:%02d", s / 60, s % 60);
+            eta = b;
+        }
+        std::string rate_s = row->state == State::importing ? "  " + human(rate) + "/s" : "";
+        if (tty) {
+            std::string bar;
+            if (pct >= 0) {
+                int filled = std::min(30, pct * 30 / 100);
+                bar = "[" + std::string(size_t(filled), '#') + std::string(size_t(30 - filled), ' ') +
+                      "] " + std::to_string(std::min(pct, 100)) + "% ";
+            }
+            std::fprintf(stderr, "\r\033[K%s %-9s %s%s%s%s", name.c_str(),
+                         std::string(to_string(row->state)).c_str(), bar.c_str(), progress.c_str(),
+                         rate_s.c_str(), eta.c_str());
+            std::fflush(stderr);
+        } else if (changed || now - last_line >= std::chrono::seconds(5)) {
+            std::fprintf(stderr, "%s: %s %s%s%s\n", name.c_str(),
+                         std::string(to_string(row->state)).c_str(), progress.c_str(),
+                         rate_s.c_str(), eta.c_str());
+            last_line = now;
+        }
+        if (row->state == State::active || row->state == State::failed) {
+            if (tty) std::fputc('\n', stderr);
+            if (row->state == State::failed) {
+                std::fprintf(stderr, "imagefs: import of '%s' failed: %s\n", name.c_str(),
+                             row->last_error.value_or("unknown error").c_str());
+                return 1;
+            }
+            return 0;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+}
+
+std::string absolute_source(const std::string& src) {
+    SourceSpec spec = parse_source(src.front() == '/' || src.find("://") != std::string::npos
+                                       ? src
+                                       : fs::absolute(src).string());
+    if (spec.kind == SourceKind::file) {
+        struct stat st {};
+        if (::stat(spec.location.c_str(), &st) != 0)
+            throw Error(Errc::not_found,
+                        "source file " + spec.location + " does not exist or cannot be read");
+        if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+            throw Error(Errc::invalid_argument, "source " + spec.location + " is not a regular file");
+        if (::access(spec.location.c_str(), R_OK) != 0)
+            throw Error(Errc::permission, "source file " + spec.location + " is not readable");
+    }
+    return spec.location;
+}
+
+void tell_daemon(const StateDir& dir, const std::string& what) {
+    if (!poke_daemon(dir))
+        std::fprintf(stderr,
+                     "imagefs: note: no imagefsd is serving %s; %s when the daemon starts\n",
+                     dir.root().c_str(), what.c_str());
+}
+
+}  // namespace
+}  // namespace imagefs
+
+int main(int argc, char** argv) {
+    using namespace imagefs;
+    CLI::App app{"imagefs: manage the images of an imagefs state directory"};
+    app.require_subcommand(1);
+    const char* env = std::getenv("IMAGEFS_STATE");
+    std::string state = env && *env ? env : "/var/lib/imagefs";
+    app.add_option("--state", state, "state directory (default $IMAGEFS_STATE or /var/lib/imagefs)");
+    app.set_version_flag("-V,--version", "imagefs 0.1.0");
+
+    std::string name, source, sha256, sha512;
+    int64_t size = -1;
+    bool wait = false, as_json = false;
+
+    auto* imp = app.add_subcommand("import", "queue an import of SOURCE (URL or file) as NAME");
+    imp->add_option("NAME", name, "image name (the file name in the mount)")->required();
+    imp->add_option("SOURCE", source, "http:// or https:// URL, or a local file path")->required();
+    auto* o256 = imp->add_option("--sha256", sha256, "expected SHA-256 (hex)");
+    imp->add_option("--sha512", sha512, "expected SHA-512 (hex)")->excludes(o256);
+    imp->add_option("--size", size, "expected size in bytes, when the source does not say");
+    imp->add_flag("--wait", wait, "follow the import; exit 0 once active, 1 if it fails");
+
+    auto* list = app.add_subcommand("list", "list images");
+    list->add_flag("--json", as_json, "print JSON");
+
+    auto* status = app.add_subcommand("status", "show one image");
+    status->add_option("NAME", name)->required();
+    status->add_flag("--json", as_json, "print JSON");
+    status->add_flag("--wait", wait, "follow until active (exit 0) or failed (exit 1)");
+
+    auto* rm = app.add_subcommand("rm", "remove an image (waiting opens get ENOENT)");
+    rm->add_option("NAME", name)->required();
+
+    auto* retry = app.add_subcommand("retry", "import a failed image again");
+    retry->add_option("NAME", name)->required();
+    retry->add_flag("--wait", wait, "follow the import");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+
+    try {
+        bool create = imp->parsed();
+        StateDir dir(state, create);
+        Catalog cat(dir.catalog_path().string(), create);
+        if (imp->parsed()) {
+            NewImage img;
+            img.name = name;
+            img.source = absolute_source(source);
+            img.kind = parse_source(img.source).kind;
+            if (size >= 0) img.expected_size = size;
+            if (!sha256.empty()) img.expected_sha256 = normalize_hex_digest(DigestAlgo::sha256, sha256);
+            if (!sha512.empty()) img.expected_sha512 = normalize_hex_digest(DigestAlgo::sha512, sha512);
+            cat.add(img);
+            std::printf("queued '%s' from %s\n", name.c_str(), img.source.c_str());
+            tell_daemon(dir, "it is imported");
+            return wait ? wait_for(cat, dir, name) : 0;
+        }
+        if (list->parsed()) {
+            auto rows = cat.list();
+            if (as_json) {
+                json arr = json::array();
+                for (const auto& r : rows) arr.push_back(to_json(r));
+                std::cout << arr.dump(2) << "\n";
+                return 0;
+            }
+            std::printf("%-32s %-10s %14s %-6s %s\n", "NAME", "STATE", "SIZE", "FORMAT", "SOURCE");
+            for (const auto& r : rows)
+                std::printf("%-32s %-10s %14s %-6s %s\n", r.name.c_str(),
+                            std::string(to_string(r.state)).c_str(), size_of(r).c_str(),
+                            r.format.value_or("-").c_str(), r.source.c_str());
+            return 0;
+        }
+        if (status->parsed()) {
+            auto row = cat.find(name);
+            if (!row) throw Error(Errc::not_found, "no image named '" + name + "'");
+            if (wait) return wait_for(cat, dir, name);
+            if (as_json)
+                std::cout << to_json(*row).dump(2) << "\n";
+            else
+                print_status(*row);
+            return 0;
+        }
+        if (rm->parsed()) {
+            auto row = cat.remove(name);
+            if (!row) throw Error(Errc::not_found, "no image named '" + name + "'");
+            // Open readers keep their file descriptors; the daemon also removes these.
+            ::unlink(dir.image_path(row->id).c_str());
+            ::unlink(dir.staging_path(row->id).c_str());
+            std::printf("removed '%s'\n", name.c_str());
+            poke_daemon(dir);
+            return 0;
+        }
+        if (retry->parsed()) {
+            cat.retry(name);
+            std::printf("queued '%s' again\n", name.c_str());
+            tell_daemon(dir, "it is imported");
+            return wait ? wait_for(cat, dir, name) : 0;
+        }
+    } catch (const Error& e) {
+        std::fprintf(stderr, "imagefs: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "imagefs: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

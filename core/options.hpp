@@ -1,0 +1,43 @@
+// Command line of imagefsd: `imagefsd [-f] [-d] [-o OPTS] STATE_DIR MOUNTPOINT`.
+// Parsed here, without libfuse, so that it is unit-tested and shared with the mount helper.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace imagefs {
+
+enum class OpenMode { wait, eagain };
+
+struct DaemonOptions {
+    bool foreground = false;
+    bool debug = false;  // libfuse request tracing; implies foreground
+    bool help = false;
+    bool version = false;
+    std::string state_dir;
+    std::string mountpoint;
+    OpenMode open_mode = OpenMode::wait;
+    int open_timeout_s = 0;  // 0: wait until the import ends
+    std::string log_level = "info";
+    std::string log_file;  // empty: stderr in the foreground, syslog otherwise
+    int max_imports = 4;
+    long connect_timeout_s = 30;
+    long stall_timeout_s = 120;
+    bool allow_other = false;
+    std::vector<std::string> fuse_options;  // passed to libfuse as -o
+};
+
+// Throws Error(invalid_argument) with a message naming the bad option.
+DaemonOptions parse_daemon_args(const std::vector<std::string>& args);
+
+// True for options that belong to mount(8), fstab or systemd and mean nothing to the daemon
+// (defaults, auto, noauto, nofail, _netdev, user, users, nouser, x-systemd.*, comment=..., ...).
+bool is_mount_only_option(const std::string& opt);
+
+// Splits "a,b=c,d" at commas.
+std::vector<std::string> split_options(const std::string& s);
+
+std::string daemon_usage();
+
+}  // namespace imagefs

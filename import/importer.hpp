@@ -1,0 +1,85 @@
+// The import pipeline and the scheduler that runs it.
+//
+// One attempt (run_import): fetch the source into STATE_DIR/staging/ID.part while hashing it,
+// fsync it, verify size and checksum, detect the format, rename it to STATE_DIR/images/ID.img,
+// fsync the directory, and only then mark the row active. A failure at any step removes the
+// staging file and marks the row failed; nothing unverified is ever at images/ID.img while the
+// row is active.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "core/statedir.hpp"
+#include "import/source.hpp"
+#include "meta/catalog.hpp"
+
+namespace imagefs {
+
+struct ImportOptions {
+    FetchOptions fetch;
+    int max_concurrent = 4;
+    int progress_interval_ms = 500;  // catalog progress writes, at most this often
+};
+
+// Told about every catalog change the daemon makes or observes. Called from the manager's threads
+// with no manager lock held.
+class ImportListener {
+public:
+    virtual ~ImportListener() = default;
+    virtual void catalog_synced(const std::vector<ImageRow>& rows) = 0;  // the whole catalog
+    virtual void image_changed(const ImageRow& row) = 0;                  // one row, after a transition
+    virtual void image_progress(int64_t id, int64_t bytes) = 0;          // live byte count
+};
+
+enum class CancelReason : int { none = 0, shutdown = 1, removed = 2 };
+
+// One import attempt of `row` (which start_import just moved to importing).
+void run_import(const ImageRow& row, const StateDir& dir, Catalog& cat, const ImportOptions& opts,
+                const std::atomic<CancelReason>& cancel, ImportListener& listener);
+
+// At daemon start: requeue interrupted imports, remove staging leftovers and image files that no
+// active row owns. Returns the number of files removed.
+int recover_state_dir(const StateDir& dir, Catalog& cat);
+
+class ImportManager {
+public:
+    ImportManager(const StateDir& dir, ImportOptions opts, ImportListener& listener);
+    ~ImportManager();
+
+    // Spawns the control thread, the workers and the wakeup watcher. Call recover_state_dir first.
+    void start();
+    void stop();   // cancels running imports (their rows stay importing) and joins every thread
+    void wake();   // re-read the catalog soon
+
+private:
+    void control_loop();
+    void worker_loop();
+    void watch_loop();
+    void sync(Catalog& cat);
+
+    const StateDir& dir_;
+    ImportOptions opts_;
+    ImportListener& listener_;
+
+    // Lock order: mu_ is a leaf. It is never held across a SQLite call, a syscall or a listener call.
+    std::mutex mu_;
+    std::condition_variable control_cv_;
+    std::condition_variable work_cv_;
+    bool stopping_ = false;
+    bool wake_pending_ = true;
+    std::deque<int64_t> queue_;
+    std::map<int64_t, std::shared_ptr<std::atomic<CancelReason>>> running_;
+
+    int stop_fd_ = -1;  // eventfd that ends watch_loop
+    std::vector<std::thread> threads_;
+};
+
+}  // namespace imagefs

@@ -1,0 +1,47 @@
+// The daemon's in-memory view of the catalog, for answering lookups, stat and readdir without
+// touching SQLite, and for telling the FUSE layer what changed.
+//
+// Thread safety: all members may be called from any thread. Lock order: mu_ is a leaf; it is never
+// held while calling out.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "meta/catalog.hpp"
+
+namespace imagefs {
+
+struct RegistryEvent {
+    enum Kind { added, changed, removed };
+    Kind kind;
+    ImageRow row;       // the new row (or the last one known, for removed)
+    State old_state;    // for changed and removed
+};
+
+class Registry {
+public:
+    // Replaces the whole view; returns what changed (rows whose state, sizes or name differ).
+    std::vector<RegistryEvent> sync(const std::vector<ImageRow>& rows);
+    // Applies one row that was just written to the catalog.
+    std::vector<RegistryEvent> update(const ImageRow& row);
+    void set_progress(int64_t id, int64_t bytes);
+
+    std::optional<ImageRow> by_id(int64_t id) const;
+    std::optional<ImageRow> by_name(const std::string& name) const;
+    std::vector<ImageRow> snapshot() const;  // ordered by id
+
+private:
+    std::optional<RegistryEvent> apply_locked(const ImageRow& row);
+
+    mutable std::mutex mu_;
+    std::map<int64_t, ImageRow> rows_;
+    std::unordered_map<std::string, int64_t> names_;
+};
+
+}  // namespace imagefs
