@@ -25,6 +25,7 @@ namespace imagefs {
 namespace {
 
 void setup_logging(const DaemonOptions& o, bool daemonized) {
+    spdlog::drop("imagefsd");
     std::shared_ptr<spdlog::logger> logger;
     if (!o.log_file.empty())
         logger = spdlog::basic_logger_mt("imagefsd", o.log_file);
@@ -32,7 +33,6 @@ void setup_logging(const DaemonOptions& o, bool daemonized) {
         logger = spdlog::syslog_logger_mt("imagefsd", "imagefsd", LOG_PID, LOG_DAEMON);
     else
         logger = spdlog::stderr_logger_mt("imagefsd");
-    spdlog::drop("imagefsd");
     logger->set_level(spdlog::level::from_str(o.log_level));
     logger->flush_on(spdlog::level::info);
     spdlog::set_default_logger(logger);
