@@ -12,16 +12,15 @@
 namespace imagefs {
 
 StateDir::StateDir(const fs::path& root, bool create) : root_(fs::absolute(root)) {
+    auto make = [](const fs::path& d) {
+        boost::system::error_code ec;
+        fs::create_directories(d, ec);
+        if (ec)
+            throw Error(ec.value() == EACCES || ec.value() == EROFS ? Errc::permission : Errc::io,
+                        "cannot create state directory " + d.string() + ": " + ec.message());
+    };
+    if (create) make(root_);
     boost::system::error_code ec;
-    if (create) {
-        for (const auto& d : {root_, images_dir(), staging_dir()}) {
-            fs::create_directories(d, ec);
-            if (ec)
-                throw Error(ec.value() == EACCES || ec.value() == EROFS ? Errc::permission
-                                                                        : Errc::io,
-                            "cannot create state directory " + d.string() + ": " + ec.message());
-        }
-    }
     if (!fs::is_directory(root_, ec))
         throw Error(Errc::not_found, "state directory " + root_.string() +
                                          " does not exist (create it, or pass --state DIR)");
@@ -29,6 +28,10 @@ StateDir::StateDir(const fs::path& root, bool create) : root_(fs::absolute(root)
         throw Error(Errc::permission, "state directory " + root_.string() +
                                           " is not writable: " + std::strerror(errno) +
                                           " (run as root or fix its permissions)");
+    if (create) {
+        make(images_dir());
+        make(staging_dir());
+    }
 }
 
 fs::path StateDir::image_path(int64_t id) const {

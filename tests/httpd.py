@@ -17,7 +17,8 @@ exits with status 0 on SIGTERM or SIGINT.  Every request is logged as one line
 on stderr, when its response is finished:
     [12:00:00.123] 127.0.0.1:40000 GET /disk.img?rate=100 range="bytes=0-" -> 206 sent=4096 (complete)
 (the word in parentheses says how the body ended: complete, head, stall,
-reset, short, client-gone, gate-timeout, truncated, ...).
+reset, short, client-gone, gate-timeout, truncated, ...).  A caller that pipes
+stderr must keep reading it (or redirect it to a file).
 
 Files are streamed from disk in 64 KiB pieces (never read whole), so
 multi-GiB images are fine.  Directories and missing files answer 404.
@@ -41,7 +42,9 @@ relative to DIR ("..", if any, cannot leave DIR).
   gate_after=N        where gate= holds the body (default: half the body of this
                       response, rounded down).  If N >= body length the whole
                       body is sent and the gate holds the end of the response
-                      (only observable with chunked encoding).
+                      (only observable with chunked encoding).  If the body is
+                      cut earlier (stall_after/reset_after/short), the gate
+                      holds just before the cut.
   stall_after=N       send N body bytes, then send nothing more: keep the socket
                       open, sleeping in 0.5 s steps until the client closes or
                       600 s pass; then close.
@@ -74,7 +77,10 @@ relative to DIR ("..", if any, cannot leave DIR).
                       apply only while DIR/NAME does not exist.  The first request
                       that actually misbehaves creates DIR/NAME (before it
                       misbehaves), so the next request is served normally:
-                      "fail once, then succeed".
+                      "fail once, then succeed".  Note: a HEAD answered with
+                      status= does misbehave (and uses up the marker); the body
+                      misbehaviours never apply to HEAD, and a response whose
+                      body is no longer than N does not misbehave either.
 
 Ranges (unless norange=1)
 -------------------------
@@ -316,6 +322,8 @@ class Handler(BaseHTTPRequestHandler):
 
         self.server.count(method, "/" + rel)
         params = parse_params(split.query)
+        if "method" in params:
+            raise BadRequest("parameter 'method' is only for /_count/")
 
         if head and params.get("nohead"):
             self._text_response(405, "HEAD not allowed here\n", head,
