@@ -1,0 +1,3 @@
+#define CATCH_CONFIG_MAIN
+#define CATCH_CONFIG_ENABLE_OPTIONAL_STRINGMAKER
+#include <catch2/catch.hpp>
