@@ -51,10 +51,12 @@ void apply_option(DaemonOptions& o, const std::string& opt) {
         o.connect_timeout_s = parse_number(key, value, 1, 3600);
     } else if (key == "stall_timeout") {
         o.stall_timeout_s = parse_number(key, value, 1, 86400);
+    } else if (key == "publish_delay_ms") {
+        o.publish_delay_ms = static_cast<int>(parse_number(key, value, 0, 60000));
     } else if (key == "rw") {
-        throw Error(Errc::invalid_argument, "-o rw is not supported: the mount is read-only");
+        o.read_only = false;
     } else if (key == "ro") {
-        // always read-only
+        o.read_only = true;
     } else {
         if (key == "allow_other") o.allow_other = true;
         o.fuse_options.push_back(opt);  // allow_other, default_permissions, fsname=, ...
@@ -128,7 +130,7 @@ DaemonOptions parse_daemon_args(const std::vector<std::string>& args) {
 std::string daemon_usage() {
     return R"(usage: imagefsd [-f] [-d] [-o OPTION[,OPTION...]] STATE_DIR MOUNTPOINT
 
-Serve the images cataloged in STATE_DIR as read-only files under MOUNTPOINT.
+Serve the images cataloged in STATE_DIR as files under MOUNTPOINT.
 Opening an image that is not yet imported and verified waits until it is.
 
   -f                    stay in the foreground, log to stderr
@@ -142,6 +144,9 @@ Opening an image that is not yet imported and verified waits until it is.
      max_imports=N        imports running at once (default 4)
      connect_timeout=SECS HTTP connect timeout (default 30)
      stall_timeout=SECS   fail an HTTP import that receives nothing for SECS (default 120)
+     publish_delay_ms=MS  after the last writer closes a file written into the mount, wait
+                          MS (default 500) for it to be opened again before verifying it
+     ro                   refuse writes into the mount (EROFS); imports still run
      allow_other          let users other than root use the mount
      (options of mount(8), fstab and systemd such as defaults, noauto, nofail, _netdev and
       x-systemd.* are accepted and ignored; others go to libfuse)

@@ -29,4 +29,16 @@ bool should_abort_wait(const PendingSignals& p);
 // Reads /proc/TID/status. A caller that no longer exists counts as aborting.
 bool caller_wants_out(pid_t tid);
 
+// How a process that is closing a file is doing: a writer killed before it finished closes its
+// files while exiting, and that must not publish what it wrote.
+struct ExitState {
+    bool exiting = false;  // PF_EXITING: the close happens inside exit()
+    int exit_code = 0;     // wait status as waitpid(2) reports it (valid while exiting)
+};
+ExitState parse_exit_state(std::string_view stat_text);
+
+// The process (thread group) a thread belongs to, from /proc/TID/status; `tid` if unknown.
+pid_t thread_group_of(pid_t tid);
+ExitState process_exit_state(pid_t tid);  // reads /proc/TID/stat; a vanished task counts as killed
+
 }  // namespace imagefs

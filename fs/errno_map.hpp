@@ -23,7 +23,10 @@ void reply_guarded(fuse_req_t req, const char* where, Fn&& fn) {
         return;
     } catch (const Error& e) {
         err = to_errno(e.code());
-        if (err == EIO) spdlog::error("{}: {}", where, e.what());
+        if (e.code() == Errc::failed)
+            spdlog::debug("{}: {}", where, e.what());  // an image that failed to import
+        else if (err == EIO)
+            spdlog::error("{}: {}", where, e.what());
     } catch (const std::system_error& e) {
         err = e.code().value() ? e.code().value() : EIO;
         if (err == EIO) spdlog::error("{}: {}", where, e.what());

@@ -1,6 +1,8 @@
 #include "fs/imagefs_fs.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/xattr.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -10,7 +12,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/names.hpp"
+#include "core/signals.hpp"
 #include "fs/errno_map.hpp"
+#include "import/digest.hpp"
 
 namespace imagefs {
 namespace {
@@ -19,11 +24,16 @@ constexpr double kActiveTimeout = 86400.0;  // active images never change
 constexpr double kChangingEntryTimeout = 1.0;
 constexpr double kChangingAttrTimeout = 0.0;
 constexpr const char* kXattrPrefix = "user.imagefs.";
+constexpr const char* kUserPrefix = "user.";
 
 int64_t image_id(fuse_ino_t ino) { return static_cast<int64_t>(ino) - 1; }
 fuse_ino_t inode_of(int64_t id) { return static_cast<fuse_ino_t>(id + 1); }
 
 ImageFs* self(fuse_req_t req) { return static_cast<ImageFs*>(fuse_req_userdata(req)); }
+
+[[noreturn]] void fail_errno(int err) { throw std::system_error(err, std::generic_category()); }
+
+constexpr const char* kImagefsPrefix = "user.imagefs.";
 
 // The kernel's FUSE request timeout (Linux 6.14+): the smallest of the configured limits.
 int read_kernel_timeout() {
@@ -73,25 +83,67 @@ ImageFs::ImageFs(const StateDir& dir, const DaemonOptions& opts)
     : dir_(dir),
       opts_(opts),
       waits_([this](fuse_req_t req, int64_t id, WaitOutcome o) { answer_open(req, id, o); }),
-      kernel_timeout_s_(read_kernel_timeout()) {
+      kernel_timeout_s_(read_kernel_timeout()),
+      publisher_(dir, *this, [this](Upload& up) { return claim_upload(up); },
+                 std::chrono::milliseconds(opts.publish_delay_ms)) {
+    root_.st_ino = FUSE_ROOT_ID;
+    root_.st_mode = S_IFDIR | 0755;
+    root_.st_nlink = 2;
+    clock_gettime(CLOCK_REALTIME, &root_.st_mtim);
+    root_.st_ctim = root_.st_atim = root_.st_mtim;
     if (kernel_timeout_s_)
         spdlog::info("kernel FUSE request timeout is {} s: waiting opens end before it",
                      kernel_timeout_s_);
 }
 
+ImageFs::~ImageFs() { stop(); }
+
 void ImageFs::attach(fuse_session* se) { se_.store(se); }
 void ImageFs::detach() { se_.store(nullptr); }
 
+void ImageFs::start() {
+    waits_.start();
+    publisher_.start();
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    event_thread_ = std::thread([this] { event_loop(); });
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+void ImageFs::stop() {
+    publisher_.stop();  // finishes uploads whose writers closed
+    {
+        std::lock_guard lk(events_mu_);
+        stopping_ = true;
+    }
+    events_cv_.notify_all();
+    if (event_thread_.joinable()) event_thread_.join();
+    waits_.stop();
+}
+
+Catalog& ImageFs::catalog() {
+    thread_local std::unique_ptr<Catalog> cat;
+    thread_local std::string path;
+    if (!cat || path != dir_.catalog_path().string()) {
+        path = dir_.catalog_path().string();
+        cat = std::make_unique<Catalog>(path, false);
+    }
+    return *cat;
+}
+
 // ---- catalog events -------------------------------------------------------------------------
 
-void ImageFs::catalog_synced(const std::vector<ImageRow>& rows) { apply(registry_.sync(rows)); }
+void ImageFs::catalog_synced(const std::vector<ImageRow>& rows, int64_t max_id) {
+    apply(registry_.sync(rows, max_id));
+}
 
 void ImageFs::image_changed(const ImageRow& row) { apply(registry_.update(row)); }
 
 void ImageFs::image_progress(int64_t id, int64_t bytes) { registry_.set_progress(id, bytes); }
 
 void ImageFs::apply(const std::vector<RegistryEvent>& events) {
-    fuse_session* se = se_.load();
+    std::vector<Notice> notices;
     for (const auto& ev : events) {
         const ImageRow& r = ev.row;
         fuse_ino_t ino = inode_of(r.id);
@@ -101,21 +153,87 @@ void ImageFs::apply(const std::vector<RegistryEvent>& events) {
                 if (nlookup_.count(ino)) removed_[ino] = r;
             }
             spdlog::info("image '{}' removed", r.name);
-            if (se) fuse_lowlevel_notify_inval_entry(se, FUSE_ROOT_ID, r.name.c_str(), r.name.size());
-            waits_.resolve_image(r.id, WaitOutcome::removed);
+            if (auto up = upload_of(r.id)) up->fail("the image was removed while it was written");
+            notices.push_back({Notice::inval_entry, FUSE_ROOT_ID, r.name, r.id});
+            notices.push_back({Notice::resolve, ino, "", r.id, WaitOutcome::removed});
             continue;
         }
-        if (ev.kind == RegistryEvent::changed) {
-            // Attributes first, so a woken opener's fstat already sees the final size.
-            if (se) fuse_lowlevel_notify_inval_inode(se, ino, 0, 0);
+        // Attributes first, so a woken opener's fstat already sees the final size.
+        if (ev.kind == RegistryEvent::changed) notices.push_back({Notice::inval_inode, ino, "", r.id, WaitOutcome::ready});
+        if (r.state == State::active)
+            notices.push_back({Notice::resolve, ino, "", r.id, WaitOutcome::ready});
+        else if (r.state == State::failed)
+            notices.push_back({Notice::resolve, ino, "", r.id, WaitOutcome::failed});
+    }
+    post(std::move(notices));
+}
+
+void ImageFs::post(std::vector<Notice> notices) {
+    if (notices.empty()) return;
+    {
+        std::lock_guard lk(events_mu_);
+        for (auto& n : notices) notices_.push_back(std::move(n));
+    }
+    events_cv_.notify_one();
+}
+
+// Kernel notifications must not come from a thread that is answering a request the kernel holds
+// a lock for (an unlink or rename holds the directory lock): they run here, in order.
+void ImageFs::event_loop() {
+    for (;;) {
+        Notice n;
+        {
+            std::unique_lock lk(events_mu_);
+            events_cv_.wait(lk, [&] { return stopping_ || !notices_.empty(); });
+            if (notices_.empty()) return;
+            n = std::move(notices_.front());
+            notices_.pop_front();
         }
-        if (ev.kind == RegistryEvent::changed || ev.kind == RegistryEvent::added) {
-            if (r.state == State::active)
-                waits_.resolve_image(r.id, WaitOutcome::ready);
-            else if (r.state == State::failed)
-                waits_.resolve_image(r.id, WaitOutcome::failed);
+        fuse_session* se = se_.load();
+        switch (n.kind) {
+            case Notice::inval_inode:
+                if (se) fuse_lowlevel_notify_inval_inode(se, n.ino, 0, 0);
+                break;
+            case Notice::inval_entry:
+                if (se) fuse_lowlevel_notify_inval_entry(se, n.ino, n.name.c_str(), n.name.size());
+                break;
+            case Notice::resolve: waits_.resolve_image(n.id, n.outcome); break;
         }
     }
+}
+
+void ImageFs::changed_catalog(const ImageRow& row) {
+    apply(registry_.update(row));
+}
+
+void ImageFs::drop_files(const ImageRow& row) {
+    ::unlink(dir_.image_path(row.id).c_str());
+    ::unlink(dir_.staging_path(row.id).c_str());
+    if (catalog_changed_) catalog_changed_();  // cancels an HTTP import of it
+}
+
+std::shared_ptr<Upload> ImageFs::attach_writer(int64_t id, pid_t process) {
+    // Under uploads_mu_, so that claim_upload() never publishes an upload a writer just joined.
+    std::lock_guard lk(uploads_mu_);
+    auto it = uploads_.find(id);
+    if (it == uploads_.end()) return nullptr;
+    it->second->add_writer(process);
+    return it->second;
+}
+
+bool ImageFs::claim_upload(Upload& up) {
+    std::lock_guard lk(uploads_mu_);
+    auto it = uploads_.find(up.id());
+    if (it == uploads_.end() || it->second.get() != &up) return true;  // removed: let it clean up
+    if (up.has_writers()) return false;
+    uploads_.erase(it);  // from now on, opens for writing get EPERM
+    return true;
+}
+
+std::shared_ptr<Upload> ImageFs::upload_of(int64_t id) const {
+    std::lock_guard lk(uploads_mu_);
+    auto it = uploads_.find(id);
+    return it == uploads_.end() ? nullptr : it->second;
 }
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -128,27 +246,62 @@ std::optional<ImageRow> ImageFs::image_for(fuse_ino_t ino) const {
     return it->second;
 }
 
+struct stat ImageFs::root_attr() const {
+    std::lock_guard lk(root_mu_);
+    return root_;
+}
+
+// The root's mode, owner and times live in memory only: rsync -a sets them on the destination
+// directory, and refusing would fail its run.
+void ImageFs::set_root_attr(fuse_req_t req, const struct stat* attr, int to_set) {
+    struct stat st {};
+    {
+        std::lock_guard lk(root_mu_);
+        if (to_set & FUSE_SET_ATTR_MODE) root_.st_mode = S_IFDIR | (attr->st_mode & 07777);
+        if (to_set & FUSE_SET_ATTR_UID) root_.st_uid = attr->st_uid;
+        if (to_set & FUSE_SET_ATTR_GID) root_.st_gid = attr->st_gid;
+        if (to_set & FUSE_SET_ATTR_MTIME) root_.st_mtim = attr->st_mtim;
+        if (to_set & FUSE_SET_ATTR_ATIME) root_.st_atim = attr->st_atim;
+        st = root_;
+    }
+    fuse_reply_attr(req, &st, 1.0);
+}
+
+ImageRow ImageFs::require_image(fuse_ino_t ino) const {
+    auto row = ino == FUSE_ROOT_ID ? std::nullopt : image_for(ino);
+    if (!row) fail_errno(ENOENT);
+    return *row;
+}
+
 struct stat ImageFs::stat_of(const ImageRow& r) const {
     struct stat st {};
     st.st_ino = inode_of(r.id);
-    st.st_mode = S_IFREG | 0444;
+    st.st_mode = S_IFREG | static_cast<mode_t>(r.mode & 07777);
     st.st_nlink = 1;
-    st.st_uid = 0;
-    st.st_gid = 0;
+    st.st_uid = static_cast<uid_t>(r.uid);
+    st.st_gid = static_cast<gid_t>(r.gid);
     st.st_blksize = 1 << 20;
+    struct stat data {};
     if (r.state == State::active) {
         st.st_size = r.final_size.value_or(0);
-        struct stat data {};
         st.st_blocks = ::stat(dir_.image_path(r.id).c_str(), &data) == 0
                            ? data.st_blocks
                            : (st.st_size + 511) / 512;
+    } else if (r.kind == SourceKind::upload && r.state == State::importing &&
+               ::stat(dir_.staging_path(r.id).c_str(), &data) == 0) {
+        st.st_size = data.st_size;  // what the writers wrote so far
+        st.st_blocks = data.st_blocks;
+    } else if (r.final_size) {  // verifying: the bytes are complete
+        st.st_size = *r.final_size;
+        st.st_blocks = 0;
     } else {
         st.st_size = r.expected_size.value_or(0);
         st.st_blocks = 0;
     }
-    int64_t t = r.activated_at.value_or(r.created_at);
-    st.st_mtim.tv_sec = t / 1000;
-    st.st_mtim.tv_nsec = (t % 1000) * 1000000;
+    int64_t t_ms = r.activated_at.value_or(r.created_at);
+    int64_t t_ns = r.mtime_ns.value_or(t_ms * 1000000);
+    st.st_mtim.tv_sec = t_ns / 1000000000;
+    st.st_mtim.tv_nsec = t_ns % 1000000000;
     st.st_ctim.tv_sec = r.updated_at / 1000;
     st.st_ctim.tv_nsec = (r.updated_at % 1000) * 1000000;
     st.st_atim = st.st_mtim;
@@ -181,9 +334,13 @@ void ImageFs::answer_open(fuse_req_t req, int64_t id, WaitOutcome outcome) {
                 return;
             }
             fuse_file_info fi{};
-            fi.fh = static_cast<uint64_t>(fd);
+            auto* h = new Handle{fd, id, nullptr, false, 0};
+            fi.fh = reinterpret_cast<uint64_t>(h);
             fi.keep_cache = 1;  // the bytes of an active image never change
-            if (fuse_reply_open(req, &fi) != 0) ::close(fd);  // the caller went away
+            if (fuse_reply_open(req, &fi) != 0) {  // the caller went away
+                ::close(fd);
+                delete h;
+            }
             return;
         }
         case WaitOutcome::failed: err = Errc::failed; break;
@@ -207,21 +364,24 @@ void ImageFs::init(fuse_conn_info* conn) {
     conn->max_readahead = conn->max_readahead ? conn->max_readahead : (1 << 20);
 }
 
+fuse_entry_param ImageFs::entry_of(const ImageRow& row) {
+    fuse_entry_param e{};
+    e.ino = inode_of(row.id);
+    e.attr = stat_of(row);
+    bool active = row.state == State::active;
+    e.attr_timeout = active ? kActiveTimeout : kChangingAttrTimeout;
+    e.entry_timeout = active ? kActiveTimeout : kChangingEntryTimeout;
+    std::lock_guard lk(inodes_mu_);
+    ++nlookup_[e.ino];
+    return e;
+}
+
 void ImageFs::lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     reply_guarded(req, "lookup", [&] {
-        if (parent != FUSE_ROOT_ID) throw Error(Errc::not_found, "");
+        if (parent != FUSE_ROOT_ID) fail_errno(ENOENT);
         auto row = registry_.by_name(name);
-        if (!row) throw Error(Errc::not_found, "");
-        fuse_entry_param e{};
-        e.ino = inode_of(row->id);
-        e.attr = stat_of(*row);
-        bool active = row->state == State::active;
-        e.attr_timeout = active ? kActiveTimeout : kChangingAttrTimeout;
-        e.entry_timeout = active ? kActiveTimeout : kChangingEntryTimeout;
-        {
-            std::lock_guard lk(inodes_mu_);
-            ++nlookup_[e.ino];
-        }
+        if (!row) fail_errno(ENOENT);
+        fuse_entry_param e = entry_of(*row);
         if (fuse_reply_entry(req, &e) != 0) forget(e.ino, 1);
     });
 }
@@ -240,30 +400,79 @@ void ImageFs::forget(fuse_ino_t ino, uint64_t n) {
 void ImageFs::getattr(fuse_req_t req, fuse_ino_t ino) {
     reply_guarded(req, "getattr", [&] {
         if (ino == FUSE_ROOT_ID) {
-            struct stat st {};
-            st.st_ino = FUSE_ROOT_ID;
-            st.st_mode = S_IFDIR | 0555;
-            st.st_nlink = 2;
+            struct stat st = root_attr();
             fuse_reply_attr(req, &st, 1.0);
             return;
         }
-        auto row = image_for(ino);
-        if (!row) throw Error(Errc::not_found, "");
-        struct stat st = stat_of(*row);
+        ImageRow row = require_image(ino);
+        struct stat st = stat_of(row);
         fuse_reply_attr(req, &st,
-                        row->state == State::active ? kActiveTimeout : kChangingAttrTimeout);
+                        row.state == State::active ? kActiveTimeout : kChangingAttrTimeout);
+    });
+}
+
+void ImageFs::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
+                      fuse_file_info* fi) {
+    reply_guarded(req, "setattr", [&] {
+        if (ino == FUSE_ROOT_ID) return set_root_attr(req, attr, to_set);
+        ImageRow row = require_image(ino);
+        if (to_set & FUSE_SET_ATTR_SIZE) {
+            // Only an upload in progress can change size; active images are immutable.
+            auto up = upload_of(row.id);
+            if (!up) fail_errno(EPERM);
+            up->truncate(attr->st_size);
+            registry_.set_progress(row.id, attr->st_size);
+        }
+        MetaUpdate m;
+        if (to_set & FUSE_SET_ATTR_MODE) m.mode = attr->st_mode & 07777;
+        if (to_set & FUSE_SET_ATTR_UID) m.uid = attr->st_uid;
+        if (to_set & FUSE_SET_ATTR_GID) m.gid = attr->st_gid;
+        if (to_set & FUSE_SET_ATTR_MTIME_NOW) {
+            timespec now{};
+            clock_gettime(CLOCK_REALTIME, &now);
+            m.mtime_ns = int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
+        } else if (to_set & FUSE_SET_ATTR_MTIME) {
+            m.mtime_ns = int64_t(attr->st_mtim.tv_sec) * 1000000000 + attr->st_mtim.tv_nsec;
+        }
+        if (m.mode || m.uid || m.gid || m.mtime_ns) {
+            auto updated = catalog().set_meta(row.id, m);
+            if (!updated) fail_errno(ENOENT);
+            row = *updated;
+            changed_catalog(row);
+        }
+        (void)fi;
+        struct stat st = stat_of(row);
+        fuse_reply_attr(req, &st,
+                        row.state == State::active ? kActiveTimeout : kChangingAttrTimeout);
     });
 }
 
 void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     reply_guarded(req, "open", [&] {
-        if (ino == FUSE_ROOT_ID) throw std::system_error(EISDIR, std::generic_category());
-        if ((fi->flags & O_ACCMODE) != O_RDONLY)
-            throw std::system_error(EROFS, std::generic_category());
+        if (ino == FUSE_ROOT_ID) fail_errno(EISDIR);
         auto row = registry_.by_id(image_id(ino));
-        if (!row) throw Error(Errc::not_found, "");
+        if (!row) fail_errno(ENOENT);
+        if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+            // Writers may only join an upload in progress; everything else is immutable.
+            pid_t process = thread_group_of(fuse_req_ctx(req)->pid);
+            auto up = attach_writer(row->id, process);
+            if (!up) fail_errno(EPERM);
+            if (fi->flags & O_TRUNC) up->truncate(0);
+            fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, true, process});
+            fi->keep_cache = 0;
+            if (fuse_reply_open(req, fi) != 0) release(nullptr, fi);
+            return;
+        }
+        if (auto up = upload_of(row->id); up && up->is_writer(thread_group_of(fuse_req_ctx(req)->pid))) {
+            // The writer reads its own upload back (qemu-img does); nobody else sees it.
+            fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, false, 0});
+            fi->keep_cache = 0;
+            if (fuse_reply_open(req, fi) != 0) release(nullptr, fi);
+            return;
+        }
         if (row->state == State::active) return answer_open(req, row->id, WaitOutcome::ready);
-        if (row->state == State::failed) throw Error(Errc::failed, "");
+        if (row->state == State::failed)
+            throw Error(Errc::failed, "'" + row->name + "' failed: " + row->last_error.value_or(""));
         if ((fi->flags & O_NONBLOCK) || opts_.open_mode == OpenMode::eagain)
             throw Error(Errc::not_ready, "");
 
@@ -286,17 +495,142 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     });
 }
 
+void ImageFs::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+                     fuse_file_info* fi) {
+    reply_guarded(req, "create", [&] {
+        if (parent != FUSE_ROOT_ID) fail_errno(ENOENT);
+        if (opts_.read_only) fail_errno(EROFS);
+        try {
+            validate_image_name(name);
+        } catch (const Error&) {
+            fail_errno(std::string_view(name).size() > 255 ? ENAMETOOLONG : EINVAL);
+        }
+        if (registry_.by_name(name)) fail_errno(EEXIST);
+        const fuse_ctx* ctx = fuse_req_ctx(req);
+        NewUpload nu{name, static_cast<int64_t>(mode & 07777), static_cast<int64_t>(ctx->uid),
+                     static_cast<int64_t>(ctx->gid)};
+        ImageRow row = catalog().add_upload(nu);
+        int fd = ::open(dir_.staging_path(row.id).c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC,
+                        0644);
+        if (fd < 0) {
+            int err = errno;
+            catalog().remove_id(row.id);
+            fail_errno(err);
+        }
+        auto up = std::make_shared<Upload>(row.id, row.import_token, fd);
+        pid_t process = thread_group_of(ctx->pid);
+        up->add_writer(process);
+        {
+            std::lock_guard lk(uploads_mu_);
+            uploads_[row.id] = up;
+        }
+        changed_catalog(row);
+        spdlog::info("upload of '{}' started (pid {})", row.name, ctx->pid);
+        fuse_entry_param e = entry_of(row);
+        fi->fh = reinterpret_cast<uint64_t>(new Handle{fd, row.id, up, true, process});
+        fi->keep_cache = 0;
+        if (fuse_reply_create(req, &e, fi) != 0) {
+            forget(e.ino, 1);
+            release(nullptr, fi);
+        }
+    });
+}
+
 void ImageFs::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
+    auto* h = reinterpret_cast<Handle*>(fi->fh);
     fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
     buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-    buf.buf[0].fd = static_cast<int>(fi->fh);
+    buf.buf[0].fd = h->fd;
     buf.buf[0].pos = off;
     fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
-void ImageFs::release(fuse_req_t req, fuse_file_info* fi) {
-    ::close(static_cast<int>(fi->fh));
+void ImageFs::write(fuse_req_t req, const char* data, size_t size, off_t off,
+                    fuse_file_info* fi) {
+    reply_guarded(req, "write", [&] {
+        auto* h = reinterpret_cast<Handle*>(fi->fh);
+        if (!h->writes) fail_errno(EBADF);
+        h->upload->write(data, size, off);
+        registry_.set_progress(h->id, h->upload->size());
+        fuse_reply_write(req, size);
+    });
+}
+
+void ImageFs::lseek(fuse_req_t req, off_t off, int whence, fuse_file_info* fi) {
+    auto* h = reinterpret_cast<Handle*>(fi->fh);
+    off_t r = ::lseek(h->fd, off, whence);
+    if (r < 0) return (void)fuse_reply_err(req, errno);
+    fuse_reply_lseek(req, r);
+}
+
+void ImageFs::flush(fuse_req_t req, fuse_file_info* fi) {
+    auto* h = reinterpret_cast<Handle*>(fi->fh);
+    if (h->writes) {
+        // A writer that is being killed closes its files on the way out: what it wrote is not
+        // what it meant to write.
+        pid_t pid = fuse_req_ctx(req)->pid;
+        ExitState ex = process_exit_state(pid);
+        if (ex.exiting && ex.exit_code != 0) {
+            std::string why = (ex.exit_code & 0x7f)
+                                  ? "the writer (pid " + std::to_string(pid) +
+                                        ") was killed by signal " +
+                                        std::to_string(ex.exit_code & 0x7f)
+                                  : "the writer (pid " + std::to_string(pid) +
+                                        ") exited with status " +
+                                        std::to_string((ex.exit_code >> 8) & 0xff);
+            spdlog::warn("upload #{}: {}", h->id, why);
+            h->upload->fail(why + " before it finished");
+        }
+    }
     fuse_reply_err(req, 0);
+}
+
+void ImageFs::fsync(fuse_req_t req, fuse_file_info* fi) {
+    auto* h = reinterpret_cast<Handle*>(fi->fh);
+    fuse_reply_err(req, h->writes && ::fsync(h->fd) != 0 ? errno : 0);
+}
+
+void ImageFs::release(fuse_req_t req, fuse_file_info* fi) {
+    std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
+    if (!h->upload) {
+        ::close(h->fd);
+    } else if (h->writes && h->upload->remove_writer(h->process)) {
+        publisher_.submit(h->upload);  // published after the grace period unless a writer returns
+    }
+    if (req) fuse_reply_err(req, 0);
+}
+
+void ImageFs::unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+    reply_guarded(req, "unlink", [&] {
+        if (parent != FUSE_ROOT_ID) fail_errno(ENOENT);
+        auto row = catalog().remove(name);
+        if (!row) fail_errno(ENOENT);
+        apply(registry_.remove(row->id));
+        drop_files(*row);
+        fuse_reply_err(req, 0);
+    });
+}
+
+void ImageFs::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+                     const char* newname, unsigned int flags) {
+    reply_guarded(req, "rename", [&] {
+        if (parent != FUSE_ROOT_ID || newparent != FUSE_ROOT_ID) fail_errno(ENOENT);
+        if (flags & RENAME_EXCHANGE) fail_errno(EINVAL);
+        RenameResult res;
+        try {
+            res = catalog().rename(name, newname, !(flags & RENAME_NOREPLACE));
+        } catch (const Error& e) {
+            if (e.code() == Errc::invalid_argument)
+                fail_errno(std::string_view(newname).size() > 255 ? ENAMETOOLONG : EINVAL);
+            throw;
+        }
+        if (res.replaced) {
+            apply(registry_.remove(res.replaced->id));
+            drop_files(*res.replaced);
+        }
+        changed_catalog(res.moved);
+        fuse_reply_err(req, 0);
+    });
 }
 
 void ImageFs::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -307,7 +641,7 @@ void ImageFs::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 
 void ImageFs::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off) {
     reply_guarded(req, "readdir", [&] {
-        if (ino != FUSE_ROOT_ID) throw std::system_error(ENOTDIR, std::generic_category());
+        if (ino != FUSE_ROOT_ID) fail_errno(ENOTDIR);
         // Offsets are stable across changes: 1 ".", 2 "..", then id + 2 for each image in id order.
         std::string buf(size, '\0');
         size_t used = 0;
@@ -345,11 +679,16 @@ void ImageFs::statfs(fuse_req_t req) {
 void ImageFs::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
     reply_guarded(req, "getxattr", [&] {
         std::string_view n(name);
-        auto row = ino == FUSE_ROOT_ID ? std::nullopt : image_for(ino);
-        if (!row || n.rfind(kXattrPrefix, 0) != 0)
-            throw std::system_error(ENODATA, std::generic_category());
-        auto value = xattr_value(*row, n.substr(std::strlen(kXattrPrefix)));
-        if (!value) throw std::system_error(ENODATA, std::generic_category());
+        if (ino == FUSE_ROOT_ID) fail_errno(ENODATA);
+        ImageRow row = require_image(ino);
+        std::optional<std::string> value;
+        if (n.rfind(kImagefsPrefix, 0) == 0) {
+            value = xattr_value(row, n.substr(std::strlen(kImagefsPrefix)));
+        } else {
+            auto it = row.xattrs.find(std::string(n));
+            if (it != row.xattrs.end()) value = it->second;
+        }
+        if (!value) fail_errno(ENODATA);
         reply_buffer(req, *value, size);
     });
 }
@@ -359,9 +698,53 @@ void ImageFs::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
         std::string names;
         if (auto row = ino == FUSE_ROOT_ID ? std::nullopt : image_for(ino)) {
             for (auto* k : kXattrKeys)
-                if (xattr_value(*row, k)) names += std::string(kXattrPrefix) + k + '\0';
+                if (xattr_value(*row, k)) names += std::string(kImagefsPrefix) + k + '\0';
+            for (const auto& [k, v] : row->xattrs) names += k + '\0';
         }
         reply_buffer(req, names, size);
+    });
+}
+
+void ImageFs::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value,
+                       size_t size, int flags) {
+    reply_guarded(req, "setxattr", [&] {
+        std::string_view n(name);
+        ImageRow row = require_image(ino);
+        std::string_view v(value, size);
+        if (n == "user.imagefs.sha256") {
+            // On an upload in progress: verify against this digest when the last writer closes.
+            std::string hex = normalize_hex_digest(DigestAlgo::sha256, v);
+            auto up = upload_of(row.id);
+            if (up && catalog().set_expected_sha256(row.id, up->token(), hex)) {
+                if (auto r = catalog().get(row.id)) changed_catalog(*r);
+            } else if (row.sha256 != hex) {
+                fail_errno(EPERM);
+            }
+            return (void)fuse_reply_err(req, 0);
+        }
+        // The other user.imagefs.* attributes are computed: writes to them are ignored, so that
+        // copying between imagefs mounts with rsync -X works.
+        if (n.rfind(kImagefsPrefix, 0) == 0) return (void)fuse_reply_err(req, 0);
+        if (n.rfind(kUserPrefix, 0) != 0) fail_errno(ENOTSUP);
+        if (n.size() > 255 || size > 65536) fail_errno(ERANGE);
+        bool exists = row.xattrs.count(std::string(n)) != 0;
+        if ((flags & XATTR_CREATE) && exists) fail_errno(EEXIST);
+        if ((flags & XATTR_REPLACE) && !exists) fail_errno(ENODATA);
+        if (!catalog().set_xattr(row.id, n, v)) fail_errno(ENOENT);
+        if (auto r = catalog().get(row.id)) changed_catalog(*r);
+        fuse_reply_err(req, 0);
+    });
+}
+
+void ImageFs::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+    reply_guarded(req, "removexattr", [&] {
+        std::string_view n(name);
+        ImageRow row = require_image(ino);
+        if (n.rfind(kImagefsPrefix, 0) == 0) return (void)fuse_reply_err(req, 0);  // computed
+        if (n.rfind(kUserPrefix, 0) != 0) fail_errno(ENOTSUP);
+        if (!catalog().remove_xattr(row.id, n)) fail_errno(ENODATA);
+        if (auto r = catalog().get(row.id)) changed_catalog(*r);
+        fuse_reply_err(req, 0);
     });
 }
 
@@ -381,11 +764,27 @@ const fuse_lowlevel_ops& ImageFs::ops() {
             fuse_reply_none(r);
         };
         o.getattr = [](fuse_req_t r, fuse_ino_t i, fuse_file_info*) { self(r)->getattr(r, i); };
+        o.setattr = [](fuse_req_t r, fuse_ino_t i, struct stat* a, int s, fuse_file_info* fi) {
+            self(r)->setattr(r, i, a, s, fi);
+        };
         o.open = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* fi) { self(r)->open(r, i, fi); };
+        o.create = [](fuse_req_t r, fuse_ino_t p, const char* n, mode_t m, fuse_file_info* fi) {
+            self(r)->create(r, p, n, m, fi);
+        };
         o.read = [](fuse_req_t r, fuse_ino_t, size_t s, off_t off, fuse_file_info* fi) {
             self(r)->read(r, s, off, fi);
         };
+        o.write = [](fuse_req_t r, fuse_ino_t, const char* b, size_t s, off_t off,
+                     fuse_file_info* fi) { self(r)->write(r, b, s, off, fi); };
+        o.lseek = [](fuse_req_t r, fuse_ino_t, off_t off, int whence, fuse_file_info* fi) {
+            self(r)->lseek(r, off, whence, fi);
+        };
+        o.flush = [](fuse_req_t r, fuse_ino_t, fuse_file_info* fi) { self(r)->flush(r, fi); };
+        o.fsync = [](fuse_req_t r, fuse_ino_t, int, fuse_file_info* fi) { self(r)->fsync(r, fi); };
         o.release = [](fuse_req_t r, fuse_ino_t, fuse_file_info* fi) { self(r)->release(r, fi); };
+        o.unlink = [](fuse_req_t r, fuse_ino_t p, const char* n) { self(r)->unlink(r, p, n); };
+        o.rename = [](fuse_req_t r, fuse_ino_t p, const char* n, fuse_ino_t np, const char* nn,
+                      unsigned int f) { self(r)->rename(r, p, n, np, nn, f); };
         o.opendir = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* fi) {
             self(r)->opendir(r, i, fi);
         };
@@ -397,6 +796,21 @@ const fuse_lowlevel_ops& ImageFs::ops() {
             self(r)->getxattr(r, i, n, s);
         };
         o.listxattr = [](fuse_req_t r, fuse_ino_t i, size_t s) { self(r)->listxattr(r, i, s); };
+        o.setxattr = [](fuse_req_t r, fuse_ino_t i, const char* n, const char* v, size_t s,
+                        int f) { self(r)->setxattr(r, i, n, v, s, f); };
+        o.removexattr = [](fuse_req_t r, fuse_ino_t i, const char* n) {
+            self(r)->removexattr(r, i, n);
+        };
+        // A flat namespace of regular files.
+        o.mkdir = [](fuse_req_t r, fuse_ino_t, const char*, mode_t) { fuse_reply_err(r, EPERM); };
+        o.mknod = [](fuse_req_t r, fuse_ino_t, const char*, mode_t, dev_t) {
+            fuse_reply_err(r, EPERM);
+        };
+        o.symlink = [](fuse_req_t r, const char*, fuse_ino_t, const char*) {
+            fuse_reply_err(r, EPERM);
+        };
+        o.link = [](fuse_req_t r, fuse_ino_t, fuse_ino_t, const char*) { fuse_reply_err(r, EPERM); };
+        o.rmdir = [](fuse_req_t r, fuse_ino_t, const char*) { fuse_reply_err(r, ENOTDIR); };
         return o;
     }();
     return ops;

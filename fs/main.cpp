@@ -68,7 +68,9 @@ int run(const DaemonOptions& o) {
         // Catalog work before the fork: SQLite connections must not cross a fork().
         Catalog cat(dir.catalog_path().string());
         recover_state_dir(dir, cat);
-        fsimpl.catalog_synced(cat.list());
+        int64_t max_id = 0;
+        auto rows = cat.list(&max_id);
+        fsimpl.catalog_synced(rows, max_id);
     }
 
     clear_dead_mount(o.mountpoint);
@@ -77,7 +79,9 @@ int run(const DaemonOptions& o) {
         throw Error(Errc::not_found, "mountpoint " + o.mountpoint + " is not a directory");
 
     std::vector<std::string> argv_s = {"imagefsd", "-o",
-                                       "ro,subtype=imagefs,fsname=" + escape_option(dir.root().string())};
+                                       std::string(o.read_only ? "ro," : "") +
+                                           "subtype=imagefs,fsname=" +
+                                           escape_option(dir.root().string())};
     if (o.debug) argv_s.push_back("-d");
     for (const auto& f : o.fuse_options) {
         argv_s.push_back("-o");
@@ -100,12 +104,13 @@ int run(const DaemonOptions& o) {
     }
 
     fsimpl.attach(se);
-    fsimpl.start_waiters();
+    fsimpl.start();
     ImportOptions iopts;
     iopts.max_concurrent = o.max_imports;
     iopts.fetch.connect_timeout_s = o.connect_timeout_s;
     iopts.fetch.stall_timeout_s = o.stall_timeout_s;
     ImportManager manager(dir, iopts, fsimpl);
+    fsimpl.on_catalog_change([&manager] { manager.wake(); });
     manager.start();
 
     spdlog::info("serving {} on {}", dir.root().string(), o.mountpoint);
@@ -118,7 +123,7 @@ int run(const DaemonOptions& o) {
     spdlog::info("unmounting {}", o.mountpoint);
 
     manager.stop();
-    fsimpl.stop_waiters();
+    fsimpl.stop();
     fsimpl.detach();
     fuse_session_unmount(se);
     fuse_remove_signal_handlers(se);

@@ -157,7 +157,6 @@ void import_attempt(const ImageRow& row, const StateDir& dir, Catalog& cat,
                     const ImportOptions& opts, const std::atomic<CancelReason>& cancel,
                     ImportListener& listener) {
     const fs::path staging = dir.staging_path(row.id);
-    const fs::path target = dir.image_path(row.id);
     Fd fd(::open(staging.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (fd.get() < 0) throw_errno("cannot create " + staging.string(), errno);
 
@@ -169,26 +168,36 @@ void import_attempt(const ImageRow& row, const StateDir& dir, Catalog& cat,
         throw Error(Errc::network, "source ended after " + std::to_string(size) + " of " +
                                        std::to_string(*sink.announced()) + " bytes");
     if (::ftruncate(fd.get(), size) != 0) throw_errno("cannot size " + staging.string(), errno);
-    if (::fsync(fd.get()) != 0) throw_errno("cannot fsync " + staging.string(), errno);
 
     if (!cat.begin_verify(row.id, row.import_token, size))
         throw Error(Errc::cancelled, "image removed during import");
     notify(cat, listener, row.id);
+    verify_and_publish(row, dir, cat, fd.get(), size, sink.sha256(), sink.sha512(), cancel,
+                       listener);
+}
 
+}  // namespace
+
+void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, int fd,
+                        int64_t size, const std::string& sha256,
+                        const std::optional<std::string>& sha512,
+                        const std::atomic<CancelReason>& cancel, ImportListener& listener) {
+    const fs::path staging = dir.staging_path(row.id);
+    const fs::path target = dir.image_path(row.id);
     ActiveInfo info;
     info.final_size = size;
-    info.sha256 = sink.sha256();
-    info.sha512 = sink.sha512();
+    info.sha256 = sha256;
+    info.sha512 = sha512;
     if (row.expected_sha256 && *row.expected_sha256 != info.sha256)
         throw Error(Errc::failed, "sha256 mismatch: expected " + *row.expected_sha256 + ", got " +
                                       info.sha256);
     if (row.expected_sha512 && row.expected_sha512 != info.sha512)
         throw Error(Errc::failed, "sha512 mismatch: expected " + *row.expected_sha512 + ", got " +
                                       info.sha512.value_or(""));
-    FormatInfo fmt = detect_format(fd.get(), size);
+    FormatInfo fmt = detect_format(fd, size);
     info.format = fmt.format;
     info.virtual_size = fmt.virtual_size;
-    fd.reset();
+    if (::fsync(fd) != 0) throw_errno("cannot fsync " + staging.string(), errno);
 
     if (cancel.load() != CancelReason::none) throw Error(Errc::cancelled, "import cancelled");
     if (::rename(staging.c_str(), target.c_str()) != 0)
@@ -204,8 +213,6 @@ void import_attempt(const ImageRow& row, const StateDir& dir, Catalog& cat,
                  info.sha256);
     notify(cat, listener, row.id);
 }
-
-}  // namespace
 
 void run_import(const ImageRow& row, const StateDir& dir, Catalog& cat, const ImportOptions& opts,
                 const std::atomic<CancelReason>& cancel, ImportListener& listener) {
@@ -296,8 +303,9 @@ void ImportManager::wake() {
 }
 
 void ImportManager::sync(Catalog& cat) {
-    auto rows = cat.list();
-    listener_.catalog_synced(rows);
+    int64_t max_id = 0;
+    auto rows = cat.list(&max_id);
+    listener_.catalog_synced(rows, max_id);
     std::map<int64_t, const ImageRow*> by_id;
     for (const auto& r : rows) by_id[r.id] = &r;
     std::vector<int64_t> gone;

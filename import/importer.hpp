@@ -34,7 +34,8 @@ struct ImportOptions {
 class ImportListener {
 public:
     virtual ~ImportListener() = default;
-    virtual void catalog_synced(const std::vector<ImageRow>& rows) = 0;  // the whole catalog
+    // The whole catalog, and the highest id handed out when it was read (see Catalog::list).
+    virtual void catalog_synced(const std::vector<ImageRow>& rows, int64_t max_id) = 0;
     virtual void image_changed(const ImageRow& row) = 0;                  // one row, after a transition
     virtual void image_progress(int64_t id, int64_t bytes) = 0;          // live byte count
 };
@@ -44,6 +45,15 @@ enum class CancelReason : int { none = 0, shutdown = 1, removed = 2 };
 // One import attempt of `row` (which start_import just moved to importing).
 void run_import(const ImageRow& row, const StateDir& dir, Catalog& cat, const ImportOptions& opts,
                 const std::atomic<CancelReason>& cancel, ImportListener& listener);
+
+// The common end of every import and upload, for a row in `verifying` whose complete bytes are in
+// its staging file (open at `fd`) and were hashed: compare the expected checksums, detect the format,
+// fsync, rename into images/, fsync the directories, mark the row active. Throws Error(failed) on a
+// checksum mismatch and Error(cancelled) if the row went away; the caller fails the row.
+void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, int fd,
+                        int64_t size, const std::string& sha256,
+                        const std::optional<std::string>& sha512,
+                        const std::atomic<CancelReason>& cancel, ImportListener& listener);
 
 // At daemon start: requeue interrupted imports, remove staging leftovers and image files that no
 // active row owns. Returns the number of files removed.

@@ -140,6 +140,7 @@ SourceSpec parse_source(std::string_view source) {
         return {SourceKind::http, s};
     }
     if (starts_with_ci(s, "file://")) s = s.substr(7);
+    if (s.empty()) throw Error(Errc::invalid_argument, "the source 'file://' names no file");
     if (s.find("://") != std::string::npos)
         throw Error(Errc::invalid_argument,
                     "unsupported source '" + std::string(source) +

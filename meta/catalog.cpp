@@ -38,6 +38,19 @@ constexpr const char* kMigrations[] = {
         CHECK (state != 'active' OR (final_size IS NOT NULL AND sha256 IS NOT NULL))
     );
     )sql",
+    // 1 -> 2: file metadata and user xattrs, for images written into the mount.
+    R"sql(
+    ALTER TABLE images ADD COLUMN mode INTEGER NOT NULL DEFAULT 292;  -- 0444
+    ALTER TABLE images ADD COLUMN uid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE images ADD COLUMN gid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE images ADD COLUMN mtime_ns INTEGER;
+    CREATE TABLE xattrs (
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        name     TEXT NOT NULL,
+        value    BLOB NOT NULL,
+        PRIMARY KEY (image_id, name)
+    );
+    )sql",
 };
 constexpr int64_t kMigrationCount = sizeof kMigrations / sizeof kMigrations[0];
 static_assert(kMigrationCount == Catalog::kSchemaVersion);
@@ -45,7 +58,7 @@ static_assert(kMigrationCount == Catalog::kSchemaVersion);
 constexpr const char* kColumns =
     "id, name, source, source_kind, state, expected_size, bytes_imported, final_size, sha256, "
     "sha512, expected_sha256, expected_sha512, format, virtual_size, attempts, last_error, "
-    "created_at, updated_at, activated_at, import_token";
+    "created_at, updated_at, activated_at, import_token, mode, uid, gid, mtime_ns";
 
 SourceKind parse_kind(std::string_view s) {
     if (s == "http") return SourceKind::http;
@@ -75,6 +88,10 @@ ImageRow read_row(const sql::Statement& st) {
     r.updated_at = st.i64(17);
     r.activated_at = st.opt_i64(18);
     r.import_token = st.i64(19);
+    r.mode = st.i64(20);
+    r.uid = st.i64(21);
+    r.gid = st.i64(22);
+    r.mtime_ns = st.opt_i64(23);
     return r;
 }
 
@@ -121,6 +138,13 @@ int64_t Catalog::schema_version() {
 }
 
 void Catalog::migrate() {
+    int64_t found = schema_version();
+    if (found > kSchemaVersion)
+        throw Error(Errc::corrupt, "catalog " + db_.path() + " has schema version " +
+                                       std::to_string(found) + ", newer than this imagefs (" +
+                                       std::to_string(kSchemaVersion) +
+                                       "); install a newer imagefs to use it");
+    db_.enable_wal();
     sql::with_retry(db_, [&] {
         sql::Transaction tx(db_);
         int64_t v = schema_version();
@@ -168,21 +192,32 @@ std::optional<ImageRow> Catalog::get(int64_t id) {
     sql::Statement st(db_, std::string("SELECT ") + kColumns + " FROM images WHERE id = ?");
     st.bind(1, id);
     if (!st.step()) return std::nullopt;
-    return read_row(st);
+    auto row = read_row(st);
+    load_xattrs(row);
+    return row;
 }
 
 std::optional<ImageRow> Catalog::find(std::string_view name) {
     sql::Statement st(db_, std::string("SELECT ") + kColumns + " FROM images WHERE name = ?");
     st.bind(1, name);
     if (!st.step()) return std::nullopt;
-    return read_row(st);
+    auto row = read_row(st);
+    load_xattrs(row);
+    return row;
 }
 
-std::vector<ImageRow> Catalog::list() {
+std::vector<ImageRow> Catalog::list(int64_t* max_id) {
     return sql::with_retry(db_, [&] {
+        // One read transaction, so that the rows and the highest id ever given agree.
+        sql::ReadTransaction tx(db_);
         std::vector<ImageRow> rows;
         sql::Statement st(db_, std::string("SELECT ") + kColumns + " FROM images ORDER BY name");
         while (st.step()) rows.push_back(read_row(st));
+        load_xattrs(rows);
+        if (max_id) {
+            sql::Statement seq(db_, "SELECT seq FROM sqlite_sequence WHERE name = 'images'");
+            *max_id = seq.step() ? seq.i64(0) : 0;
+        }
         return rows;
     });
 }
@@ -198,13 +233,139 @@ std::optional<ImageRow> Catalog::remove(std::string_view name) {
     });
 }
 
+void Catalog::load_xattrs(ImageRow& row) {
+    sql::Statement st(db_, "SELECT name, value FROM xattrs WHERE image_id = ?");
+    st.bind(1, row.id);
+    row.xattrs.clear();
+    while (st.step()) row.xattrs[st.text(0)] = st.text(1);
+}
+
+void Catalog::load_xattrs(std::vector<ImageRow>& rows) {
+    std::map<int64_t, ImageRow*> by_id;
+    for (auto& r : rows) by_id[r.id] = &r;
+    sql::Statement st(db_, "SELECT image_id, name, value FROM xattrs");
+    while (st.step()) {
+        auto it = by_id.find(st.i64(0));
+        if (it != by_id.end()) it->second->xattrs[st.text(1)] = st.text(2);
+    }
+}
+
+std::optional<ImageRow> Catalog::remove_id(int64_t id) {
+    return sql::with_retry(db_, [&]() -> std::optional<ImageRow> {
+        sql::Transaction tx(db_);
+        auto row = get(id);
+        if (!row) return std::nullopt;
+        sql::Statement(db_, "DELETE FROM images WHERE id = ?").bind(1, id).run();
+        tx.commit();
+        return row;
+    });
+}
+
+ImageRow Catalog::add_upload(const NewUpload& up) {
+    validate_image_name(up.name);
+    return sql::with_retry(db_, [&] {
+        sql::Transaction tx(db_);
+        if (find(up.name))
+            throw Error(Errc::exists, "an image named '" + up.name + "' already exists");
+        int64_t now = now_ms();
+        sql::Statement st(db_,
+                          "INSERT INTO images (name, source, source_kind, state, attempts, "
+                          "import_token, created_at, updated_at, mode, uid, gid) "
+                          "VALUES (?, 'upload', 'upload', 'importing', 1, 1, ?, ?, ?, ?, ?)");
+        st.bind(1, up.name).bind(2, now).bind(3, now).bind(4, up.mode).bind(5, up.uid);
+        st.bind(6, up.gid).run();
+        auto row = get(db_.last_insert_rowid());
+        tx.commit();
+        return *row;
+    });
+}
+
+RenameResult Catalog::rename(std::string_view from, std::string_view to, bool replace) {
+    validate_image_name(to);
+    return sql::with_retry(db_, [&] {
+        sql::Transaction tx(db_);
+        auto src = find(from);
+        if (!src) throw Error(Errc::not_found, "no image named '" + std::string(from) + "'");
+        RenameResult res{*src, std::nullopt};
+        if (from == to) return res;
+        if (auto dst = find(to)) {
+            if (!replace)
+                throw Error(Errc::exists, "an image named '" + std::string(to) + "' already exists");
+            sql::Statement(db_, "DELETE FROM images WHERE id = ?").bind(1, dst->id).run();
+            res.replaced = dst;
+        }
+        sql::Statement st(db_, "UPDATE images SET name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
+        st.bind(1, to).bind(2, now_ms()).bind(3, src->id).run();
+        res.moved = *get(src->id);
+        tx.commit();
+        return res;
+    });
+}
+
+std::optional<ImageRow> Catalog::set_meta(int64_t id, const MetaUpdate& m) {
+    return sql::with_retry(db_, [&]() -> std::optional<ImageRow> {
+        sql::Transaction tx(db_);
+        sql::Statement st(db_,
+                          "UPDATE images SET mode = COALESCE(?, mode), uid = COALESCE(?, uid), "
+                          "gid = COALESCE(?, gid), mtime_ns = COALESCE(?, mtime_ns), "
+                          "updated_at = MAX(?, updated_at + 1) WHERE id = ?");
+        st.bind(1, m.mode).bind(2, m.uid).bind(3, m.gid).bind(4, m.mtime_ns).bind(5, now_ms());
+        st.bind(6, id).run();
+        if (db_.changes() == 0) return std::nullopt;
+        auto row = get(id);
+        tx.commit();
+        return row;
+    });
+}
+
+bool Catalog::set_expected_sha256(int64_t id, int64_t token, const std::string& hex) {
+    return sql::with_retry(db_, [&] {
+        sql::Statement st(db_,
+                          "UPDATE images SET expected_sha256 = ?, updated_at = MAX(?, updated_at + 1) "
+                          "WHERE id = ? AND import_token = ? AND state = 'importing'");
+        st.bind(1, hex).bind(2, now_ms()).bind(3, id).bind(4, token).run();
+        return db_.changes() > 0;
+    });
+}
+
+bool Catalog::set_xattr(int64_t id, std::string_view name, std::string_view value) {
+    return sql::with_retry(db_, [&] {
+        sql::Transaction tx(db_);
+        if (!get(id)) return false;
+        sql::Statement st(db_, "INSERT OR REPLACE INTO xattrs (image_id, name, value) VALUES (?, ?, ?)");
+        st.bind(1, id).bind(2, name).bind_blob(3, value).run();
+        sql::Statement(db_, "UPDATE images SET updated_at = MAX(?, updated_at + 1) WHERE id = ?")
+            .bind(1, now_ms())
+            .bind(2, id)
+            .run();
+        tx.commit();
+        return true;
+    });
+}
+
+bool Catalog::remove_xattr(int64_t id, std::string_view name) {
+    return sql::with_retry(db_, [&] {
+        sql::Transaction tx(db_);
+        sql::Statement st(db_, "DELETE FROM xattrs WHERE image_id = ? AND name = ?");
+        st.bind(1, id).bind(2, name).run();
+        bool removed = db_.changes() > 0;
+        if (removed)
+            sql::Statement(db_, "UPDATE images SET updated_at = MAX(?, updated_at + 1) WHERE id = ?")
+                .bind(1, now_ms())
+                .bind(2, id)
+                .run();
+        tx.commit();
+        return removed;
+    });
+}
+
 std::optional<ImageRow> Catalog::start_import(int64_t id) {
     return sql::with_retry(db_, [&]() -> std::optional<ImageRow> {
         sql::Transaction tx(db_);
         sql::Statement st(db_,
                           "UPDATE images SET state = 'importing', attempts = attempts + 1, "
                           "import_token = import_token + 1, bytes_imported = 0, "
-                          "final_size = NULL, last_error = NULL, updated_at = ? "
+                          "final_size = NULL, last_error = NULL, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND state = 'queued'");
         st.bind(1, now_ms()).bind(2, id).run();
         if (db_.changes() == 0) return std::nullopt;
@@ -218,7 +379,7 @@ std::optional<ImageRow> Catalog::start_import(int64_t id) {
 bool Catalog::set_expected_size(int64_t id, int64_t token, std::optional<int64_t> size) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
-                          "UPDATE images SET expected_size = ?, updated_at = ? "
+                          "UPDATE images SET expected_size = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, size).bind(2, now_ms()).bind(3, id).bind(4, token).run();
         return db_.changes() > 0;
@@ -228,7 +389,7 @@ bool Catalog::set_expected_size(int64_t id, int64_t token, std::optional<int64_t
 bool Catalog::update_progress(int64_t id, int64_t token, int64_t bytes) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
-                          "UPDATE images SET bytes_imported = ?, updated_at = ? "
+                          "UPDATE images SET bytes_imported = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, bytes).bind(2, now_ms()).bind(3, id).bind(4, token).run();
         return db_.changes() > 0;
@@ -239,7 +400,7 @@ bool Catalog::begin_verify(int64_t id, int64_t token, int64_t final_size) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
                           "UPDATE images SET state = 'verifying', bytes_imported = ?, "
-                          "final_size = ?, updated_at = ? "
+                          "final_size = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, final_size).bind(2, final_size).bind(3, now_ms()).bind(4, id).bind(5, token);
         st.run();
@@ -253,7 +414,7 @@ bool Catalog::activate(int64_t id, int64_t token, const ActiveInfo& info) {
         sql::Statement st(db_,
                           "UPDATE images SET state = 'active', final_size = ?, sha256 = ?, "
                           "sha512 = ?, format = ?, virtual_size = ?, last_error = NULL, "
-                          "activated_at = ?, updated_at = ? "
+                          "activated_at = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? AND state = 'verifying'");
         st.bind(1, info.final_size)
             .bind(2, info.sha256)
@@ -272,7 +433,7 @@ bool Catalog::activate(int64_t id, int64_t token, const ActiveInfo& info) {
 bool Catalog::fail(int64_t id, int64_t token, const std::string& error) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
-                          "UPDATE images SET state = 'failed', last_error = ?, updated_at = ? "
+                          "UPDATE images SET state = 'failed', last_error = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? "
                           "AND state IN ('importing', 'verifying')");
         st.bind(1, error).bind(2, now_ms()).bind(3, id).bind(4, token).run();
@@ -291,7 +452,7 @@ ImageRow Catalog::retry(std::string_view name) {
                             "; only failed images can be retried");
         sql::Statement st(db_,
                           "UPDATE images SET state = 'queued', attempts = 0, last_error = NULL, "
-                          "bytes_imported = 0, updated_at = ? WHERE id = ?");
+                          "bytes_imported = 0, final_size = NULL, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
         st.bind(1, now_ms()).bind(2, row->id).run();
         auto updated = get(row->id);
         tx.commit();
@@ -308,9 +469,15 @@ std::vector<int64_t> Catalog::recover() {
                               "SELECT id FROM images WHERE state IN ('importing', 'verifying')");
             while (st.step()) ids.push_back(st.i64(0));
         }
+        sql::Statement up(db_,
+                          "UPDATE images SET state = 'failed', updated_at = MAX(?, updated_at + 1), last_error = "
+                          "'upload interrupted: the daemon stopped before the writer finished; "
+                          "write the file again' "
+                          "WHERE state IN ('importing', 'verifying') AND source_kind = 'upload'");
+        up.bind(1, now_ms()).run();
         sql::Statement st(db_,
                           "UPDATE images SET state = 'queued', bytes_imported = 0, "
-                          "final_size = NULL, updated_at = ? "
+                          "final_size = NULL, updated_at = MAX(?, updated_at + 1) "
                           "WHERE state IN ('importing', 'verifying')");
         st.bind(1, now_ms()).run();
         tx.commit();

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -43,9 +44,31 @@ struct ImageRow {
     int64_t attempts = 0;
     std::optional<std::string> last_error;
     int64_t created_at = 0;  // unix milliseconds
-    int64_t updated_at = 0;
+    int64_t updated_at = 0;  // unix ms, and strictly increasing per row: a version number
     std::optional<int64_t> activated_at;
     int64_t import_token = 0;  // bumped by every start_import; the importer's transitions check it
+    // File metadata shown in the mount (set by cp -p / rsync -a through setattr).
+    int64_t mode = 0444;
+    int64_t uid = 0;
+    int64_t gid = 0;
+    std::optional<int64_t> mtime_ns;  // unset: the activation (or creation) time
+    std::map<std::string, std::string> xattrs;  // user.* xattrs stored for the file (rsync -X)
+};
+
+struct NewUpload {
+    std::string name;
+    int64_t mode = 0444;
+    int64_t uid = 0;
+    int64_t gid = 0;
+};
+
+struct MetaUpdate {
+    std::optional<int64_t> mode, uid, gid, mtime_ns;
+};
+
+struct RenameResult {
+    ImageRow moved;                   // with its new name
+    std::optional<ImageRow> replaced;  // the image that had the new name, now removed
 };
 
 struct NewImage {
@@ -67,7 +90,7 @@ struct ActiveInfo {
 
 class Catalog {
 public:
-    static constexpr int64_t kSchemaVersion = 1;
+    static constexpr int64_t kSchemaVersion = 2;
 
     // Opens the catalog at `db_path`, creating it if `create`, and upgrades its schema. Refuses a
     // schema newer than this build (Errc::corrupt with the versions named).
@@ -76,8 +99,22 @@ public:
     ImageRow add(const NewImage& img);  // Errc::exists, Errc::invalid_argument
     std::optional<ImageRow> get(int64_t id);
     std::optional<ImageRow> find(std::string_view name);
-    std::vector<ImageRow> list();
+    // All rows, ordered by name. With `max_id`, also the highest id ever handed out when the rows
+    // were read: a row with a higher id was added after this listing.
+    std::vector<ImageRow> list(int64_t* max_id = nullptr);
     std::optional<ImageRow> remove(std::string_view name);
+    std::optional<ImageRow> remove_id(int64_t id);
+
+    // Data written into the mount: a row that is importing from the start (kind upload, attempt 1,
+    // a fresh import token). Errc::exists / invalid_argument as for add().
+    ImageRow add_upload(const NewUpload& up);
+    // Renames `from` to `to`. An image already called `to` is removed in the same transaction
+    // unless `replace` is false (then Errc::exists). Errc::not_found if `from` does not exist.
+    RenameResult rename(std::string_view from, std::string_view to, bool replace);
+    std::optional<ImageRow> set_meta(int64_t id, const MetaUpdate& m);
+    bool set_expected_sha256(int64_t id, int64_t token, const std::string& hex);
+    bool set_xattr(int64_t id, std::string_view name, std::string_view value);
+    bool remove_xattr(int64_t id, std::string_view name);
 
     // queued -> importing. Bumps attempts and the import token, resets progress. Returns the row
     // (carrying the new token) or nullopt if the image is not queued any more.
@@ -90,7 +127,8 @@ public:
 
     // failed -> queued, for `imagefs retry`. Errc::not_found / Errc::invalid_argument otherwise.
     ImageRow retry(std::string_view name);
-    // At daemon start: importing|verifying -> queued. Returns the affected rows' ids.
+    // At daemon start: importing|verifying -> queued, except uploads, whose writer is gone: they
+    // become failed. Returns the affected rows' ids.
     std::vector<int64_t> recover();
 
     int64_t schema_version();
@@ -98,6 +136,8 @@ public:
 
 private:
     void migrate();
+    void load_xattrs(ImageRow& row);
+    void load_xattrs(std::vector<ImageRow>& rows);
 
     sql::Connection db_;
 };

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -26,10 +27,14 @@ struct RegistryEvent {
 
 class Registry {
 public:
-    // Replaces the whole view; returns what changed (rows whose state, sizes or name differ).
-    std::vector<RegistryEvent> sync(const std::vector<ImageRow>& rows);
+    // Replaces the whole view with a listing of the catalog; returns what changed. Rows with ids
+    // above `max_id` were added after the listing and are kept. A row is only ever replaced by a
+    // newer version (updated_at), and a removed id never comes back (ids are never reused), so a
+    // listing read before a change cannot undo it.
+    std::vector<RegistryEvent> sync(const std::vector<ImageRow>& rows, int64_t max_id);
     // Applies one row that was just written to the catalog.
     std::vector<RegistryEvent> update(const ImageRow& row);
+    std::vector<RegistryEvent> remove(int64_t id);
     void set_progress(int64_t id, int64_t bytes);
 
     std::optional<ImageRow> by_id(int64_t id) const;
@@ -38,10 +43,12 @@ public:
 
 private:
     std::optional<RegistryEvent> apply_locked(const ImageRow& row);
+    void unname_locked(const std::string& name, int64_t id);
 
     mutable std::mutex mu_;
     std::map<int64_t, ImageRow> rows_;
     std::unordered_map<std::string, int64_t> names_;
+    std::set<int64_t> removed_;  // tombstones
 };
 
 }  // namespace imagefs

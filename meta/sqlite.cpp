@@ -1,5 +1,7 @@
 #include "meta/sqlite.hpp"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <thread>
 
@@ -28,6 +30,8 @@ constexpr int kBusyTimeoutMs = 5000;
 }  // namespace
 
 Connection::Connection(const std::string& path, bool create) : path_(path) {
+    if (!create && ::access(path.c_str(), F_OK) != 0)
+        throw Error(Errc::not_found, "catalog " + path + " does not exist");
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
     int rc = sqlite3_open_v2(path.c_str(), &db_, flags, nullptr);
     if (rc != SQLITE_OK) {
@@ -44,9 +48,10 @@ Connection::Connection(const std::string& path, bool create) : path_(path) {
     sqlite3_extended_result_codes(db_, 1);
     sqlite3_busy_timeout(db_, kBusyTimeoutMs);
     try {
-        // Reading the journal mode is the first real access: a file that is not a database fails
-        // here with SQLITE_NOTADB. journal_mode=WAL needs the write lock once, hence the retry.
-        with_retry(*this, [&] { exec("PRAGMA journal_mode=WAL"); });
+        // The first real access: a file that is not a database fails here with SQLITE_NOTADB,
+        // before anything is written. WAL is switched on by enable_wal(), once the owner has
+        // checked that it understands the file.
+        exec("PRAGMA schema_version");
         exec("PRAGMA synchronous=FULL");
         exec("PRAGMA foreign_keys=ON");
     } catch (...) {
@@ -54,6 +59,11 @@ Connection::Connection(const std::string& path, bool create) : path_(path) {
         db_ = nullptr;
         throw;
     }
+}
+
+void Connection::enable_wal() {
+    // Needs the write lock once, hence the retry.
+    with_retry(*this, [&] { exec("PRAGMA journal_mode=WAL"); });
 }
 
 Connection::~Connection() {
@@ -87,6 +97,11 @@ Statement& Statement::bind(int i, std::string_view v) {
     return *this;
 }
 
+Statement& Statement::bind_blob(int i, std::string_view v) {
+    sqlite3_bind_blob64(st_, i, v.data(), v.size(), SQLITE_TRANSIENT);
+    return *this;
+}
+
 Statement& Statement::bind(int i, std::nullptr_t) {
     sqlite3_bind_null(st_, i);
     return *this;
@@ -106,7 +121,9 @@ void Statement::reset() {
 }
 
 std::string Statement::text(int col) const {
-    auto* p = reinterpret_cast<const char*>(sqlite3_column_text(st_, col));
+    auto* p = sqlite3_column_type(st_, col) == SQLITE_BLOB
+                  ? static_cast<const char*>(sqlite3_column_blob(st_, col))
+                  : reinterpret_cast<const char*>(sqlite3_column_text(st_, col));
     return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(st_, col))) : std::string();
 }
 

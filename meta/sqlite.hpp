@@ -17,7 +17,8 @@ namespace imagefs::sql {
 
 class Connection {
 public:
-    // Opens (creating if `create`) the database, enables WAL, foreign keys and a busy timeout.
+    // Opens (creating if `create`) the database with foreign keys and a busy timeout; reads it once
+    // so that a file that is not a database fails here without being written.
     // Throws imagefs::Error (corrupt / permission / io) with a message naming `path`.
     Connection(const std::string& path, bool create);
     ~Connection();
@@ -25,6 +26,7 @@ public:
     Connection& operator=(const Connection&) = delete;
 
     void exec(const char* sql);  // for statements without parameters or results
+    void enable_wal();
     int64_t changes() const { return sqlite3_changes64(db_); }
     int64_t last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
     sqlite3* handle() const { return db_; }
@@ -47,6 +49,7 @@ public:
     Statement& bind(int i, std::string_view v);
     Statement& bind(int i, const char* v) { return bind(i, std::string_view(v)); }
     Statement& bind(int i, std::nullptr_t);
+    Statement& bind_blob(int i, std::string_view v);
     template <class T>
     Statement& bind(int i, const std::optional<T>& v) {
         return v ? bind(i, *v) : bind(i, nullptr);
@@ -66,7 +69,7 @@ public:
     std::optional<int64_t> opt_i64(int col) const {
         return is_null(col) ? std::nullopt : std::optional<int64_t>(i64(col));
     }
-    std::string text(int col) const;
+    std::string text(int col) const;  // also reads BLOBs
     std::optional<std::string> opt_text(int col) const {
         return is_null(col) ? std::nullopt : std::optional<std::string>(text(col));
     }
@@ -90,6 +93,18 @@ public:
 private:
     Connection& conn_;
     bool done_ = false;
+};
+
+// BEGIN (deferred) for a consistent read of several statements; ends it in the destructor.
+class ReadTransaction {
+public:
+    explicit ReadTransaction(Connection& c) : conn_(c) { conn_.exec("BEGIN"); }
+    ~ReadTransaction() { sqlite3_exec(conn_.handle(), "COMMIT", nullptr, nullptr, nullptr); }
+    ReadTransaction(const ReadTransaction&) = delete;
+    ReadTransaction& operator=(const ReadTransaction&) = delete;
+
+private:
+    Connection& conn_;
 };
 
 // Runs fn (which opens its own Transaction) and retries it when SQLite reports SQLITE_BUSY past the

@@ -238,7 +238,9 @@ Mount::~Mount() {
         }
         unmount();
     } else if (is_mounted(mnt_)) {
-        run({"umount", "-l", mnt_});
+        // After kill9() the mount may already belong to a new daemon: only a dead one is ours.
+        struct stat st {};
+        if (::stat(mnt_.c_str(), &st) != 0 && errno == ENOTCONN) run({"umount", "-l", mnt_});
     }
 }
 
@@ -274,6 +276,9 @@ OpenerChild::OpenerChild(const std::string& path, int flags, std::function<void(
     pid_ = ::fork();
     if (pid_ == 0) {
         ::close(fds[0]);
+        // Drop every descriptor inherited from the test (it may be writing the very file).
+        if (fds[1] > 3) ::close_range(3, unsigned(fds[1]) - 1, 0);
+        ::close_range(unsigned(fds[1]) + 1, ~0U, 0);
         ::signal(SIGINT, SIG_DFL);
         ::signal(SIGQUIT, SIG_DFL);
         ::signal(SIGTERM, SIG_DFL);

@@ -53,6 +53,12 @@ struct Env {
     void import_gated(const std::string& name, std::vector<std::string> extra = {}) const {
         import(name, gated_url(), std::move(extra));
         REQUIRE(wait_state(state, name, "importing"));
+        // ... and the response headers (Content-Length) have arrived.
+        for (int i = 0; i < 200; ++i) {
+            if (::getxattr(path(name).c_str(), "user.imagefs.expected_size", nullptr, 0) > 0) return;
+            std::this_thread::sleep_for(50ms);
+        }
+        FAIL("the import of " << name << " never learned its size");
     }
 };
 
@@ -156,7 +162,7 @@ TEST_CASE("removing an image ends its waiting opens with ENOENT", "[open]") {
     CHECK(errno == ENOENT);
 }
 
-TEST_CASE("-o open=eagain makes blocking opens fail with EAGAIN", "[open]") {
+TEST_CASE("open=eagain makes blocking opens fail with EAGAIN", "[open]") {
     Env env("open=eagain");
     env.import_gated("linux");
     auto t0 = Clock::now();
@@ -167,7 +173,7 @@ TEST_CASE("-o open=eagain makes blocking opens fail with EAGAIN", "[open]") {
     CHECK(open_errno(env.path("linux"), O_RDONLY) == 0);
 }
 
-TEST_CASE("-o open_timeout ends a wait with ETIMEDOUT", "[open]") {
+TEST_CASE("open_timeout ends a wait with ETIMEDOUT", "[open]") {
     Env env("open_timeout=2");
     env.import_gated("linux");
     auto t0 = Clock::now();
@@ -283,7 +289,7 @@ TEST_CASE("unrelated signals do not make a waiting open fail", "[open][signals]"
     CHECK(child.size_seen() == env.kernel_size);
 }
 
-TEST_CASE("a wait ends before the kernel's FUSE request timeout", "[open][timeout]") {
+TEST_CASE("a wait ends before the kernel's FUSE request timeout", "[open][timeout][serial]") {
     const std::string knob = "/proc/sys/fs/fuse/default_request_timeout";
     if (::access(knob.c_str(), W_OK) != 0) {
         WARN("this kernel has no FUSE request timeout; nothing to test");
@@ -308,12 +314,15 @@ TEST_CASE("a wait ends before the kernel's FUSE request timeout", "[open][timeou
     CHECK(sha256_of(env.path("linux")) == env.kernel_sha);
 }
 
-TEST_CASE("the mount is read-only", "[open]") {
-    Env env;
+TEST_CASE("ro makes the mount read-only", "[open]") {
+    Env env("ro");
     env.import("linux", di_kernel());
     REQUIRE(wait_state(env.state, "linux", "active"));
     CHECK(open_errno(env.path("linux"), O_WRONLY) == EROFS);
     CHECK(open_errno(env.path("new"), O_WRONLY | O_CREAT) == EROFS);
+    CHECK(::unlink(env.path("linux").c_str()) == -1);
+    CHECK(errno == EROFS);
+    CHECK(sha256_of(env.path("linux")) == env.kernel_sha);
 }
 
 TEST_CASE("kill -9 of the daemon mid-import, then a restart, ends with the right bytes",

@@ -27,7 +27,7 @@ constexpr int64_t MiB = 1 << 20;
 
 class RecordingListener : public imagefs::ImportListener {
 public:
-    void catalog_synced(const std::vector<ImageRow>&) override {
+    void catalog_synced(const std::vector<ImageRow>&, int64_t) override {
         std::lock_guard lk(mu);
         ++synced;
     }

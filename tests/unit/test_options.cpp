@@ -82,7 +82,6 @@ TEST_CASE("options: bad option values are refused naming the option", "[options]
         {{"-o", "stall_timeout=x", "/s", "/m"}, "-o stall_timeout"},
         {{"-o", "log_level=verbose", "/s", "/m"}, "-o log_level: 'verbose'"},
         {{"-o", "log_file=relative.log", "/s", "/m"}, "-o log_file"},
-        {{"-o", "rw", "/s", "/m"}, "-o rw"},
         {{"-o", "nofail,open=bad", "/s", "/m"}, "-o open: 'bad'"},
         {{"/s", "/m", "-o"}, "-o needs a value"},
         {{"-x", "/s", "/m"}, "unknown option '-x'"},
@@ -101,6 +100,13 @@ TEST_CASE("options: bad option values are refused naming the option", "[options]
     auto e = error_from([&] { parse_daemon_args({"-o", "max_imports=100", "/s", "/m"}); });
     REQUIRE(e);
     CHECK_THAT(std::string(e->what()), Contains("from 1 to 64"));
+}
+
+TEST_CASE("options: ro and rw choose whether the mount takes writes", "[options]") {
+    CHECK_FALSE(parse_daemon_args({"/s", "/m"}).read_only);
+    CHECK(parse_daemon_args({"-o", "ro", "/s", "/m"}).read_only);
+    CHECK_FALSE(parse_daemon_args({"-o", "ro,rw", "/s", "/m"}).read_only);
+    CHECK(parse_daemon_args({"-o", "ro", "/s", "/m"}).fuse_options.empty());
 }
 
 TEST_CASE("options: mount-only options are dropped", "[options]") {

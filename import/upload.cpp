@@ -1,0 +1,255 @@
+#include "import/upload.hpp"
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "core/error.hpp"
+
+namespace imagefs {
+namespace {
+
+constexpr size_t kBlock = 4096;
+
+bool all_zero(const char* p, size_t n) {
+    return n > 0 && p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
+}
+
+void pwrite_all(int fd, const char* p, size_t n, int64_t off) {
+    while (n > 0) {
+        ssize_t w = ::pwrite(fd, p, n, off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) {
+            int err = errno;
+            if (err == ENOSPC || err == EDQUOT)
+                throw Error(Errc::no_space, "no space left in the state directory");
+            throw_errno("cannot write upload data", err);
+        }
+        p += w;
+        n -= static_cast<size_t>(w);
+        off += w;
+    }
+}
+
+void notify(Catalog& cat, ImportListener& listener, int64_t id) {
+    if (auto r = cat.get(id)) listener.image_changed(*r);
+}
+
+}  // namespace
+
+Upload::Upload(int64_t id, int64_t token, int fd)
+    : id_(id), token_(token), fd_(fd), digest_(std::make_unique<Digest>(DigestAlgo::sha256)) {}
+
+Upload::~Upload() { ::close(fd_); }
+
+void Upload::write(const char* data, size_t len, int64_t off) {
+    // The kernel serialises writes to one file (inode lock), so writes normally arrive one at a
+    // time. If they ever overlap, store every byte and give up on the streaming digest.
+    const bool alone = in_flight_.fetch_add(1) == 0;
+    struct Leave {
+        std::atomic<int>& n;
+        ~Leave() { n.fetch_sub(1); }
+    } leave{in_flight_};
+
+    const int64_t file_end = size_.load();
+    const int64_t end = off + static_cast<int64_t>(len);
+    bool tail_skipped = false;
+    try {
+        size_t run = 0, i = 0;  // [run, i) is pending data
+        while (i < len) {
+            size_t n = std::min(kBlock - static_cast<size_t>((off + int64_t(i)) % int64_t(kBlock)),
+                                len - i);
+            bool hole = alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
+            if (hole) {
+                if (i > run) pwrite_all(fd_, data + run, i - run, off + int64_t(run));
+                run = i + n;
+            }
+            tail_skipped = hole;
+            i += n;
+        }
+        if (len > run) pwrite_all(fd_, data + run, len - run, off + int64_t(run));
+        if (tail_skipped && end > file_end && ::ftruncate(fd_, end) != 0)
+            throw_errno("cannot extend upload data", errno);
+    } catch (const Error& e) {
+        fail(std::string("a write failed: ") + e.what());
+        throw;
+    }
+    int64_t cur = size_.load();
+    while (end > cur && !size_.compare_exchange_weak(cur, end)) {
+    }
+    std::lock_guard lk(mu_);
+    if (alone && in_order_ && off == hashed_) {
+        digest_->update(data, len);
+        hashed_ += static_cast<int64_t>(len);
+    } else {
+        in_order_ = false;
+    }
+}
+
+void Upload::truncate(int64_t size) {
+    if (::ftruncate(fd_, size) != 0) throw_errno("cannot truncate upload data", errno);
+    size_.store(size);
+    std::lock_guard lk(mu_);
+    if (size == 0) {  // a fresh start: cp over an upload, O_TRUNC
+        digest_ = std::make_unique<Digest>(DigestAlgo::sha256);
+        hashed_ = 0;
+        in_order_ = true;
+    } else if (size < hashed_) {
+        in_order_ = false;
+    }
+}
+
+void Upload::add_writer(pid_t process) {
+    std::lock_guard lk(mu_);
+    writers_.insert(process);
+}
+
+bool Upload::remove_writer(pid_t process) {
+    std::lock_guard lk(mu_);
+    auto it = writers_.find(process);
+    if (it != writers_.end()) writers_.erase(it);
+    return writers_.empty();
+}
+
+bool Upload::has_writers() const {
+    std::lock_guard lk(mu_);
+    return !writers_.empty();
+}
+
+bool Upload::is_writer(pid_t process) const {
+    std::lock_guard lk(mu_);
+    return writers_.count(process) != 0;
+}
+
+void Upload::fail(const std::string& why) {
+    std::lock_guard lk(mu_);
+    if (!failure_) failure_ = why;
+}
+
+std::optional<std::string> Upload::failure() const {
+    std::lock_guard lk(mu_);
+    return failure_;
+}
+
+std::string Upload::sha256() {
+    const int64_t size = size_.load();
+    {
+        std::lock_guard lk(mu_);
+        if (in_order_ && hashed_ == size) return digest_->hex();
+    }
+    spdlog::debug("upload #{} was not written in order: hashing it again", id_);
+    return hash_file(fd_, size, DigestAlgo::sha256);
+}
+
+std::string hash_file(int fd, int64_t size, DigestAlgo algo) {
+    Digest d(algo);
+    std::vector<char> buf(1 << 20);
+    int64_t off = 0;
+    while (off < size) {
+        ssize_t n = ::pread(fd, buf.data(), std::min<int64_t>(int64_t(buf.size()), size - off), off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) throw_errno("cannot read upload data", errno);
+        if (n == 0) throw Error(Errc::io, "upload data is shorter than its size");
+        d.update(buf.data(), static_cast<size_t>(n));
+        off += n;
+    }
+    return d.hex();
+}
+
+void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener) {
+    const std::string staging = dir.staging_path(up.id()).string();
+    auto row = cat.get(up.id());
+    if (!row || row->import_token != up.token() || row->state != State::importing) {
+        ::unlink(staging.c_str());  // removed while it was written
+        return;
+    }
+    try {
+        if (auto why = up.failure()) throw Error(Errc::failed, "upload incomplete: " + *why);
+        struct stat st {};
+        if (::fstat(up.fd(), &st) != 0) throw_errno("cannot stat upload data", errno);
+        const int64_t size = st.st_size;
+        if (!cat.begin_verify(up.id(), up.token(), size)) {
+            ::unlink(staging.c_str());
+            return;
+        }
+        notify(cat, listener, up.id());
+        row = cat.get(up.id());
+        if (!row) throw Error(Errc::cancelled, "image removed during verification");
+        std::string sha256 = up.sha256();
+        std::optional<std::string> sha512;
+        if (row->expected_sha512) sha512 = hash_file(up.fd(), size, DigestAlgo::sha512);
+        std::atomic<CancelReason> none{CancelReason::none};
+        verify_and_publish(*row, dir, cat, up.fd(), size, sha256, sha512, none, listener);
+    } catch (const std::exception& e) {
+        ::unlink(staging.c_str());
+        auto* err = dynamic_cast<const Error*>(&e);
+        if (err && err->code() == Errc::cancelled) return;
+        spdlog::error("upload of '{}' failed: {}", row->name, e.what());
+        if (cat.fail(up.id(), up.token(), e.what())) notify(cat, listener, up.id());
+    }
+}
+
+UploadPublisher::UploadPublisher(const StateDir& dir, ImportListener& listener, Claim claim,
+                                 std::chrono::milliseconds grace)
+    : dir_(dir), listener_(listener), claim_(std::move(claim)), grace_(grace) {}
+
+UploadPublisher::~UploadPublisher() { stop(); }
+
+void UploadPublisher::start() {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    thread_ = std::thread([this] { loop(); });
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+void UploadPublisher::stop() {
+    {
+        std::lock_guard lk(mu_);
+        stopping_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+}
+
+void UploadPublisher::submit(std::shared_ptr<Upload> up) {
+    {
+        std::lock_guard lk(mu_);
+        queue_.emplace_back(std::chrono::steady_clock::now() + grace_, std::move(up));
+    }
+    cv_.notify_all();
+}
+
+void UploadPublisher::loop() {
+    std::unique_ptr<Catalog> cat;
+    for (;;) {
+        std::shared_ptr<Upload> up;
+        {
+            std::unique_lock lk(mu_);
+            cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+            if (queue_.empty()) return;  // stopping, nothing left
+            // Submitted in order with the same grace, so the front is due first. At shutdown the
+            // grace is cut short.
+            if (!stopping_ && cv_.wait_until(lk, queue_.front().first, [&] { return stopping_; }))
+                continue;
+            up = std::move(queue_.front().second);
+            queue_.pop_front();
+        }
+        if (!claim_(*up)) continue;  // a writer came back; its last close submits it again
+        try {
+            if (!cat) cat = std::make_unique<Catalog>(dir_.catalog_path().string(), false);
+            publish_upload(*up, dir_, *cat, listener_);
+        } catch (const std::exception& e) {
+            spdlog::error("cannot publish upload #{}: {}", up->id(), e.what());
+            cat.reset();
+        }
+    }
+}
+
+}  // namespace imagefs

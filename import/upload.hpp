@@ -1,0 +1,111 @@
+// Images written into the mount ("uploads"), without any FUSE: the file system calls these.
+//
+// An upload is an image in state importing whose bytes come from writers through the mount. Its
+// bytes go to STATE_DIR/staging/ID.part. Writes in order are hashed as they arrive; anything else
+// (a seek back, parallel writers, a truncate) makes publish_upload hash the finished file again.
+// Aligned 4 KiB blocks of zeros written past the end of the file are not stored (they become
+// holes), so sparse images stay sparse.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "core/statedir.hpp"
+#include "import/digest.hpp"
+#include "import/importer.hpp"
+#include "meta/catalog.hpp"
+
+namespace imagefs {
+
+class Upload {
+public:
+    // Takes ownership of `fd`, the staging file open read-write.
+    Upload(int64_t id, int64_t token, int fd);
+    ~Upload();
+    Upload(const Upload&) = delete;
+    Upload& operator=(const Upload&) = delete;
+
+    int64_t id() const { return id_; }
+    int64_t token() const { return token_; }
+    int fd() const { return fd_; }
+    int64_t size() const { return size_.load(); }
+
+    // Throws Error (no_space, io); a failed write also fails the upload.
+    void write(const char* data, size_t len, int64_t off);
+    void truncate(int64_t size);
+
+    // Writers are counted per process: a process that is writing an upload may also read it (and
+    // the kernel opens files read-only on a writer's behalf, e.g. for FS_IOC_FSGETXATTR).
+    void add_writer(pid_t process);
+    bool remove_writer(pid_t process);  // true when that was the last writer
+    bool is_writer(pid_t process) const;
+    bool has_writers() const;
+    void fail(const std::string& why);  // the first reason is kept
+    std::optional<std::string> failure() const;
+
+    // SHA-256 of the bytes in the file now: the streaming digest when every byte arrived in order,
+    // else a fresh pass over the file. Call once, after the last writer left.
+    std::string sha256();
+
+private:
+    const int64_t id_;
+    const int64_t token_;
+    const int fd_;
+    std::atomic<int> in_flight_{0};
+    std::atomic<int64_t> size_{0};
+
+    // Lock order: mu_ is a leaf; never held across a syscall.
+    mutable std::mutex mu_;
+    std::unique_ptr<Digest> digest_;
+    int64_t hashed_ = 0;
+    bool in_order_ = true;
+    std::multiset<pid_t> writers_;
+    std::optional<std::string> failure_;
+};
+
+// Hashes a whole file with `algo`, reading it with pread.
+std::string hash_file(int fd, int64_t size, DigestAlgo algo);
+
+// Verifies and publishes an upload whose last writer has closed it (or fails it, if a writer was
+// killed or a write failed). Tells `listener` about every transition.
+void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener);
+
+// A thread that runs publish_upload for uploads whose last writer closed them, after a short grace
+// period: tools such as qemu-img create a file, close it and open it again for writing at once.
+// When the period ends, `claim` decides (atomically with respect to new writers) whether the
+// upload is still without writers and may be published.
+class UploadPublisher {
+public:
+    using Claim = std::function<bool(Upload&)>;
+    UploadPublisher(const StateDir& dir, ImportListener& listener, Claim claim,
+                    std::chrono::milliseconds grace);
+    ~UploadPublisher();
+    void start();
+    void stop();  // publishes what is queued, then joins
+    void submit(std::shared_ptr<Upload> up);
+
+private:
+    void loop();
+    const StateDir& dir_;
+    ImportListener& listener_;
+    Claim claim_;
+    std::chrono::milliseconds grace_;
+    // Lock order: mu_ is a leaf.
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<std::pair<std::chrono::steady_clock::time_point, std::shared_ptr<Upload>>> queue_;
+    bool stopping_ = false;
+    std::thread thread_;
+};
+
+}  // namespace imagefs
