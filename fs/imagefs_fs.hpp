@@ -62,6 +62,7 @@ public:
     void attach(fuse_session* se);
     void detach();
     void start();  // the waiter watcher and the event thread
+    void set_device(std::string dev) { device_ = std::move(dev); }  // "MAJOR:MINOR" of the mount
     void stop();
     // Called after the file system changed the catalog (unlink, rename), so that the import
     // manager cancels imports of images that are gone.
@@ -110,7 +111,7 @@ private:
     };
     // Work for the event thread, in order: kernel cache invalidations, then waiter answers.
     struct Notice {
-        enum Kind { inval_inode, inval_entry, resolve } kind;
+        enum Kind { inval_inode, inval_entry, resolve, tune_readahead } kind;
         fuse_ino_t ino = 0;
         std::string name;
         int64_t id = 0;
@@ -130,6 +131,7 @@ private:
     WaitList::Clock::time_point wait_deadline() const;
     Catalog& catalog();  // one connection per FUSE worker thread
     void changed_catalog(const ImageRow& row);
+    void raise_readahead();
     void drop_files(const ImageRow& row);  // data and staging files of a removed image
     std::shared_ptr<Upload> upload_of(int64_t id) const;
     std::shared_ptr<Upload> attach_writer(int64_t id, pid_t process);
@@ -161,6 +163,7 @@ private:
     UploadPublisher publisher_;
 
     std::atomic<fuse_session*> se_{nullptr};
+    std::string device_;
     mutable std::mutex root_mu_;  // root_ (a leaf)
     struct stat root_ {};
 };

@@ -1,6 +1,9 @@
 // imagefsd: the daemon. Sets up everything that can fail before it forks, so that errors reach the
 // caller's terminal (and mount(8)) with a non-zero exit; starts threads only after the fork.
 #include <sys/mount.h>
+#include <climits>
+#include <fstream>
+#include <sstream>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -48,6 +51,22 @@ std::string escape_option(const std::string& v) {
 }
 
 // A mountpoint left behind by a daemon that died answers ENOTCONN: detach it so we can mount again.
+// The backing-device id ("MAJOR:MINOR") of the mount at `mnt`, from /proc/self/mountinfo (a stat()
+// of the mountpoint would wait for our own INIT).
+std::string mount_device(const std::string& mnt) {
+    std::ifstream f("/proc/self/mountinfo");
+    std::string line, found;
+    char real[PATH_MAX];
+    std::string want = ::realpath(mnt.c_str(), real) ? real : mnt;
+    while (std::getline(f, line)) {
+        std::istringstream ss(line);
+        std::string id, parent, dev, root, point;
+        ss >> id >> parent >> dev >> root >> point;
+        if (point == want) found = dev;  // the last one is the newest
+    }
+    return found;
+}
+
 void clear_dead_mount(const std::string& mnt) {
     struct stat st {};
     if (::stat(mnt.c_str(), &st) == 0) return;
@@ -97,6 +116,7 @@ int run(const DaemonOptions& o) {
     if (fuse_set_signal_handlers(se) != 0) throw Error(Errc::io, "cannot install signal handlers");
     if (fuse_session_mount(se, o.mountpoint.c_str()) != 0)
         throw Error(Errc::io, "cannot mount on " + o.mountpoint + " (see the message above)");
+    fsimpl.set_device(mount_device(o.mountpoint));
     if (fuse_daemonize(o.foreground ? 1 : 0) != 0) throw Error(Errc::io, "cannot daemonize");
     if (!o.foreground) {
         setup_logging(o, true);
