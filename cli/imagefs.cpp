@@ -63,7 +63,9 @@ std::string size_of(const ImageRow& r) {
 }
 
 void print_status(const ImageRow& r) {
-    auto line = [](const char* k, const std::string& v) { std::printf("%-16s %s\n", k, v.c_str()); };
+    auto line = [](const char* k, const std::string& v) {
+        std::printf("%-16s %s\n", k, v.c_str());
+    };
     auto num = [](std::optional<int64_t> v) { return v ? std::to_string(*v) : std::string("-"); };
     line("name:", r.name);
     line("state:", std::string(to_string(r.state)));
@@ -134,8 +136,9 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
             std::string bar;
             if (pct >= 0) {
                 int filled = std::min(30, pct * 30 / 100);
-                bar = "[" + std::string(size_t(filled), '#') + std::string(size_t(30 - filled), ' ') +
-                      "] " + std::to_string(std::min(pct, 100)) + "% ";
+                bar = "[" + std::string(size_t(filled), '#') +
+                      std::string(size_t(30 - filled), ' ') + "] " +
+                      std::to_string(std::min(pct, 100)) + "% ";
             }
             std::fprintf(stderr, "\r\033[K%s %-9s %s%s%s%s", name.c_str(),
                          std::string(to_string(row->state)).c_str(), bar.c_str(), progress.c_str(),
@@ -170,7 +173,8 @@ std::string absolute_source(const std::string& src) {
             throw Error(Errc::not_found,
                         "source file " + spec.location + " does not exist or cannot be read");
         if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
-            throw Error(Errc::invalid_argument, "source " + spec.location + " is not a regular file");
+            throw Error(Errc::invalid_argument,
+                        "source " + spec.location + " is not a regular file");
         if (::access(spec.location.c_str(), R_OK) != 0)
             throw Error(Errc::permission, "source file " + spec.location + " is not readable");
     }
@@ -193,7 +197,8 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     const char* env = std::getenv("IMAGEFS_STATE");
     std::string state = env && *env ? env : "/var/lib/imagefs";
-    app.add_option("--state", state, "state directory (default $IMAGEFS_STATE or /var/lib/imagefs)");
+    app.add_option("--state", state,
+                   "state directory (default $IMAGEFS_STATE or /var/lib/imagefs)");
     app.set_version_flag("-V,--version", "imagefs 0.1.0");
 
     std::string name, source, sha256, sha512;
@@ -239,8 +244,10 @@ int main(int argc, char** argv) {
             img.source = absolute_source(source);
             img.kind = parse_source(img.source).kind;
             if (size >= 0) img.expected_size = size;
-            if (!sha256.empty()) img.expected_sha256 = normalize_hex_digest(DigestAlgo::sha256, sha256);
-            if (!sha512.empty()) img.expected_sha512 = normalize_hex_digest(DigestAlgo::sha512, sha512);
+            if (!sha256.empty())
+                img.expected_sha256 = normalize_hex_digest(DigestAlgo::sha256, sha256);
+            if (!sha512.empty())
+                img.expected_sha512 = normalize_hex_digest(DigestAlgo::sha512, sha512);
             cat.add(img);
             std::printf("queued '%s' from %s\n", name.c_str(), img.source.c_str());
             tell_daemon(dir, "it is imported");

@@ -27,11 +27,11 @@ enum class Errc {
 std::string_view to_string(Errc c);
 
 class Error : public std::runtime_error {
-public:
+  public:
     Error(Errc code, const std::string& what) : std::runtime_error(what), code_(code) {}
     Errc code() const noexcept { return code_; }
 
-private:
+  private:
     Errc code_;
 };
 

@@ -33,7 +33,8 @@ void apply_option(DaemonOptions& o, const std::string& opt) {
     } else if (key == "open_timeout") {
         o.open_timeout_s = static_cast<int>(parse_number(key, value, 0, 86400 * 365));
     } else if (key == "log_level") {
-        static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
+        static const char* levels[] = {"trace", "debug",    "info", "warn",
+                                       "error", "critical", "off"};
         bool ok = false;
         for (auto* l : levels) ok = ok || value == l;
         if (!ok)
@@ -81,11 +82,11 @@ std::vector<std::string> split_options(const std::string& s) {
 }
 
 bool is_mount_only_option(const std::string& opt) {
-    static const char* exact[] = {"defaults", "auto",   "noauto", "nofail", "_netdev", "user",
-                                  "users",    "nouser", "owner",  "group",  "nosuid",  "suid",
-                                  "dev",      "nodev",  "exec",   "noexec", "async",   "sync",
-                                  "atime",    "noatime", "relatime", "norelatime", "strictatime",
-                                  "loud",     "silent"};
+    static const char* exact[] = {"defaults", "auto",       "noauto",      "nofail", "_netdev",
+                                  "user",     "users",      "nouser",      "owner",  "group",
+                                  "nosuid",   "suid",       "dev",         "nodev",  "exec",
+                                  "noexec",   "async",      "sync",        "atime",  "noatime",
+                                  "relatime", "norelatime", "strictatime", "loud",   "silent"};
     for (auto* e : exact)
         if (opt == e) return true;
     return opt.rfind("x-", 0) == 0 || opt.rfind("comment=", 0) == 0;
@@ -110,7 +111,8 @@ DaemonOptions parse_daemon_args(const std::vector<std::string>& args) {
         } else if (a.rfind("-o", 0) == 0) {
             for (const auto& opt : split_options(a.substr(2))) apply_option(o, opt);
         } else if (a == "--") {
-            positional.insert(positional.end(), args.begin() + static_cast<long>(i) + 1, args.end());
+            positional.insert(positional.end(), args.begin() + static_cast<long>(i) + 1,
+                              args.end());
             break;
         } else if (!a.empty() && a[0] == '-') {
             throw Error(Errc::invalid_argument, "unknown option '" + a + "' (see imagefsd --help)");

@@ -26,7 +26,8 @@ struct DaemonOptions {
     long stall_timeout_s = 120;
     bool allow_other = false;
     bool read_only = false;
-    int publish_delay_ms = 500;  // grace after a writer's last close before verifying  // -o ro: no uploads, renames or removals through the mount
+    int publish_delay_ms = 500;  // grace after a writer's last close before verifying  // -o ro: no
+                                 // uploads, renames or removals through the mount
     std::vector<std::string> fuse_options;  // passed to libfuse as -o
 };
 

@@ -25,7 +25,9 @@ uint64_t field(std::string_view text, std::string_view key) {
     return 0;
 }
 
-constexpr uint64_t bit(int sig) { return uint64_t{1} << (sig - 1); }
+constexpr uint64_t bit(int sig) {
+    return uint64_t{1} << (sig - 1);
+}
 
 }  // namespace
 

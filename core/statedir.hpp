@@ -15,7 +15,7 @@ namespace imagefs {
 namespace fs = boost::filesystem;
 
 class StateDir {
-public:
+  public:
     // Creates the directory tree if `create`; checks that it is a writable directory.
     // Throws Error with a message naming the directory and what to do.
     StateDir(const fs::path& root, bool create);
@@ -29,14 +29,14 @@ public:
     fs::path image_path(int64_t id) const;
     fs::path staging_path(int64_t id) const;
 
-private:
+  private:
     fs::path root_;
 };
 
 // The daemon's exclusive claim on a state dir (flock on imagefsd.lock, released at exit even on
 // SIGKILL). Throws Error(busy) naming the pid of the daemon that holds it.
 class DaemonLock {
-public:
+  public:
     explicit DaemonLock(const StateDir& dir);
     ~DaemonLock();
     DaemonLock(const DaemonLock&) = delete;
@@ -44,7 +44,7 @@ public:
     // Rewrites the pid (after fork()).
     void write_pid();
 
-private:
+  private:
     int fd_ = -1;
 };
 

@@ -2,9 +2,9 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/xattr.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -26,12 +26,20 @@ constexpr double kChangingAttrTimeout = 0.0;
 constexpr const char* kXattrPrefix = "user.imagefs.";
 constexpr const char* kUserPrefix = "user.";
 
-int64_t image_id(fuse_ino_t ino) { return static_cast<int64_t>(ino) - 1; }
-fuse_ino_t inode_of(int64_t id) { return static_cast<fuse_ino_t>(id + 1); }
+int64_t image_id(fuse_ino_t ino) {
+    return static_cast<int64_t>(ino) - 1;
+}
+fuse_ino_t inode_of(int64_t id) {
+    return static_cast<fuse_ino_t>(id + 1);
+}
 
-ImageFs* self(fuse_req_t req) { return static_cast<ImageFs*>(fuse_req_userdata(req)); }
+ImageFs* self(fuse_req_t req) {
+    return static_cast<ImageFs*>(fuse_req_userdata(req));
+}
 
-[[noreturn]] void fail_errno(int err) { throw std::system_error(err, std::generic_category()); }
+[[noreturn]] void fail_errno(int err) {
+    throw std::system_error(err, std::generic_category());
+}
 
 constexpr const char* kImagefsPrefix = "user.imagefs.";
 
@@ -64,9 +72,8 @@ std::optional<std::string> xattr_value(const ImageRow& r, std::string_view key) 
     return std::nullopt;
 }
 
-constexpr const char* kXattrKeys[] = {"state",  "progress",     "expected_size", "size",
-                                      "error",  "sha256",       "format",        "virtual_size",
-                                      "source", "attempts"};
+constexpr const char* kXattrKeys[] = {"state",  "progress", "expected_size", "size",   "error",
+                                      "sha256", "format",   "virtual_size",  "source", "attempts"};
 
 void reply_buffer(fuse_req_t req, const std::string& value, size_t size) {
     if (size == 0)
@@ -84,8 +91,9 @@ ImageFs::ImageFs(const StateDir& dir, const DaemonOptions& opts)
       opts_(opts),
       waits_([this](fuse_req_t req, int64_t id, WaitOutcome o) { answer_open(req, id, o); }),
       kernel_timeout_s_(read_kernel_timeout()),
-      publisher_(dir, *this, [this](Upload& up) { return claim_upload(up); },
-                 std::chrono::milliseconds(opts.publish_delay_ms)) {
+      publisher_(
+          dir, *this, [this](Upload& up) { return claim_upload(up); },
+          std::chrono::milliseconds(opts.publish_delay_ms)) {
     root_.st_ino = FUSE_ROOT_ID;
     root_.st_mode = S_IFDIR | 0755;
     root_.st_nlink = 2;
@@ -96,10 +104,16 @@ ImageFs::ImageFs(const StateDir& dir, const DaemonOptions& opts)
                      kernel_timeout_s_);
 }
 
-ImageFs::~ImageFs() { stop(); }
+ImageFs::~ImageFs() {
+    stop();
+}
 
-void ImageFs::attach(fuse_session* se) { se_.store(se); }
-void ImageFs::detach() { se_.store(nullptr); }
+void ImageFs::attach(fuse_session* se) {
+    se_.store(se);
+}
+void ImageFs::detach() {
+    se_.store(nullptr);
+}
 
 void ImageFs::start() {
     waits_.start();
@@ -138,9 +152,13 @@ void ImageFs::catalog_synced(const std::vector<ImageRow>& rows, int64_t max_id) 
     apply(registry_.sync(rows, max_id));
 }
 
-void ImageFs::image_changed(const ImageRow& row) { apply(registry_.update(row)); }
+void ImageFs::image_changed(const ImageRow& row) {
+    apply(registry_.update(row));
+}
 
-void ImageFs::image_progress(int64_t id, int64_t bytes) { registry_.set_progress(id, bytes); }
+void ImageFs::image_progress(int64_t id, int64_t bytes) {
+    registry_.set_progress(id, bytes);
+}
 
 void ImageFs::apply(const std::vector<RegistryEvent>& events) {
     std::vector<Notice> notices;
@@ -159,7 +177,8 @@ void ImageFs::apply(const std::vector<RegistryEvent>& events) {
             continue;
         }
         // Attributes first, so a woken opener's fstat already sees the final size.
-        if (ev.kind == RegistryEvent::changed) notices.push_back({Notice::inval_inode, ino, "", r.id, WaitOutcome::ready});
+        if (ev.kind == RegistryEvent::changed)
+            notices.push_back({Notice::inval_inode, ino, "", r.id, WaitOutcome::ready});
         if (r.state == State::active)
             notices.push_back({Notice::resolve, ino, "", r.id, WaitOutcome::ready});
         else if (r.state == State::failed)
@@ -197,8 +216,12 @@ void ImageFs::event_loop() {
             case Notice::inval_entry:
                 if (se) fuse_lowlevel_notify_inval_entry(se, n.ino, n.name.c_str(), n.name.size());
                 break;
-            case Notice::resolve: waits_.resolve_image(n.id, n.outcome); break;
-            case Notice::tune_readahead: raise_readahead(); break;
+            case Notice::resolve:
+                waits_.resolve_image(n.id, n.outcome);
+                break;
+            case Notice::tune_readahead:
+                raise_readahead();
+                break;
         }
     }
 }
@@ -299,9 +322,8 @@ struct stat ImageFs::stat_of(const ImageRow& r) const {
     struct stat data {};
     if (r.state == State::active) {
         st.st_size = r.final_size.value_or(0);
-        st.st_blocks = ::stat(dir_.image_path(r.id).c_str(), &data) == 0
-                           ? data.st_blocks
-                           : (st.st_size + 511) / 512;
+        st.st_blocks = ::stat(dir_.image_path(r.id).c_str(), &data) == 0 ? data.st_blocks
+                                                                         : (st.st_size + 511) / 512;
     } else if (r.kind == SourceKind::upload && r.state == State::importing &&
                ::stat(dir_.staging_path(r.id).c_str(), &data) == 0) {
         st.st_size = data.st_size;  // what the writers wrote so far
@@ -352,17 +374,25 @@ void ImageFs::answer_open(fuse_req_t req, int64_t id, WaitOutcome outcome) {
             fuse_file_info fi{};
             auto* h = new Handle{fd, id, nullptr, false, 0};
             fi.fh = reinterpret_cast<uint64_t>(h);
-            fi.keep_cache = 1;  // the bytes of an active image never change
+            fi.keep_cache = 1;                     // the bytes of an active image never change
             if (fuse_reply_open(req, &fi) != 0) {  // the caller went away
                 ::close(fd);
                 delete h;
             }
             return;
         }
-        case WaitOutcome::failed: err = Errc::failed; break;
-        case WaitOutcome::removed: err = Errc::not_found; break;
-        case WaitOutcome::timed_out: err = Errc::timed_out; break;
-        case WaitOutcome::interrupted: err = Errc::cancelled; break;
+        case WaitOutcome::failed:
+            err = Errc::failed;
+            break;
+        case WaitOutcome::removed:
+            err = Errc::not_found;
+            break;
+        case WaitOutcome::timed_out:
+            err = Errc::timed_out;
+            break;
+        case WaitOutcome::interrupted:
+            err = Errc::cancelled;
+            break;
         case WaitOutcome::shutdown:
             spdlog::warn("daemon stopping: failing a waiting open of image #{}", id);
             err = Errc::io;
@@ -482,7 +512,8 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
             if (fuse_reply_open(req, fi) != 0) release(nullptr, fi);
             return;
         }
-        if (auto up = upload_of(row->id); up && up->is_writer(thread_group_of(fuse_req_ctx(req)->pid))) {
+        if (auto up = upload_of(row->id);
+            up && up->is_writer(thread_group_of(fuse_req_ctx(req)->pid))) {
             // The writer reads its own upload back (qemu-img does); nobody else sees it.
             fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, false, 0});
             fi->keep_cache = 0;
@@ -491,7 +522,8 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         }
         if (row->state == State::active) return answer_open(req, row->id, WaitOutcome::ready);
         if (row->state == State::failed)
-            throw Error(Errc::failed, "'" + row->name + "' failed: " + row->last_error.value_or(""));
+            throw Error(Errc::failed,
+                        "'" + row->name + "' failed: " + row->last_error.value_or(""));
         if ((fi->flags & O_NONBLOCK) || opts_.open_mode == OpenMode::eagain)
             throw Error(Errc::not_ready, "");
 
@@ -529,8 +561,8 @@ void ImageFs::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t
         NewUpload nu{name, static_cast<int64_t>(mode & 07777), static_cast<int64_t>(ctx->uid),
                      static_cast<int64_t>(ctx->gid)};
         ImageRow row = catalog().add_upload(nu);
-        int fd = ::open(dir_.staging_path(row.id).c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC,
-                        0644);
+        int fd =
+            ::open(dir_.staging_path(row.id).c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd < 0) {
             int err = errno;
             catalog().remove_id(row.id);
@@ -564,8 +596,7 @@ void ImageFs::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
     fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
-void ImageFs::write(fuse_req_t req, const char* data, size_t size, off_t off,
-                    fuse_file_info* fi) {
+void ImageFs::write(fuse_req_t req, const char* data, size_t size, off_t off, fuse_file_info* fi) {
     reply_guarded(req, "write", [&] {
         auto* h = reinterpret_cast<Handle*>(fi->fh);
         if (!h->writes) fail_errno(EBADF);
@@ -590,13 +621,12 @@ void ImageFs::flush(fuse_req_t req, fuse_file_info* fi) {
         pid_t pid = fuse_req_ctx(req)->pid;
         ExitState ex = process_exit_state(pid);
         if (ex.exiting && ex.exit_code != 0) {
-            std::string why = (ex.exit_code & 0x7f)
-                                  ? "the writer (pid " + std::to_string(pid) +
-                                        ") was killed by signal " +
-                                        std::to_string(ex.exit_code & 0x7f)
-                                  : "the writer (pid " + std::to_string(pid) +
-                                        ") exited with status " +
-                                        std::to_string((ex.exit_code >> 8) & 0xff);
+            std::string why =
+                (ex.exit_code & 0x7f)
+                    ? "the writer (pid " + std::to_string(pid) + ") was killed by signal " +
+                          std::to_string(ex.exit_code & 0x7f)
+                    : "the writer (pid " + std::to_string(pid) + ") exited with status " +
+                          std::to_string((ex.exit_code >> 8) & 0xff);
             spdlog::warn("upload #{}: {}", h->id, why);
             h->upload->fail(why + " before it finished");
         }
@@ -815,8 +845,9 @@ const fuse_lowlevel_ops& ImageFs::ops() {
             self(r)->getxattr(r, i, n, s);
         };
         o.listxattr = [](fuse_req_t r, fuse_ino_t i, size_t s) { self(r)->listxattr(r, i, s); };
-        o.setxattr = [](fuse_req_t r, fuse_ino_t i, const char* n, const char* v, size_t s,
-                        int f) { self(r)->setxattr(r, i, n, v, s, f); };
+        o.setxattr = [](fuse_req_t r, fuse_ino_t i, const char* n, const char* v, size_t s, int f) {
+            self(r)->setxattr(r, i, n, v, s, f);
+        };
         o.removexattr = [](fuse_req_t r, fuse_ino_t i, const char* n) {
             self(r)->removexattr(r, i, n);
         };
@@ -828,7 +859,9 @@ const fuse_lowlevel_ops& ImageFs::ops() {
         o.symlink = [](fuse_req_t r, const char*, fuse_ino_t, const char*) {
             fuse_reply_err(r, EPERM);
         };
-        o.link = [](fuse_req_t r, fuse_ino_t, fuse_ino_t, const char*) { fuse_reply_err(r, EPERM); };
+        o.link = [](fuse_req_t r, fuse_ino_t, fuse_ino_t, const char*) {
+            fuse_reply_err(r, EPERM);
+        };
         o.rmdir = [](fuse_req_t r, fuse_ino_t, const char*) { fuse_reply_err(r, ENOTDIR); };
         return o;
     }();

@@ -43,15 +43,15 @@
 #include "core/options.hpp"
 #include "core/statedir.hpp"
 #include "fs/fuse.hpp"
-#include "import/upload.hpp"
 #include "fs/waiters.hpp"
 #include "import/importer.hpp"
+#include "import/upload.hpp"
 #include "meta/registry.hpp"
 
 namespace imagefs {
 
 class ImageFs : public ImportListener {
-public:
+  public:
     ImageFs(const StateDir& dir, const DaemonOptions& opts);
     ~ImageFs() override;
 
@@ -100,10 +100,10 @@ public:
                   int flags);
     void removexattr(fuse_req_t req, fuse_ino_t ino, const char* name);
 
-private:
+  private:
     // An open file: the data file of an active image, or the staging file of an upload.
     struct Handle {
-        int fd = -1;                     // owned by the handle unless `upload` is set
+        int fd = -1;  // owned by the handle unless `upload` is set
         int64_t id = 0;
         std::shared_ptr<Upload> upload;  // set for handles on an upload in progress
         bool writes = false;             // counted as a writer of `upload`
@@ -118,7 +118,8 @@ private:
         WaitOutcome outcome = WaitOutcome::ready;
     };
 
-    std::optional<ImageRow> image_for(fuse_ino_t ino) const;  // live row, or a removed one still known
+    std::optional<ImageRow> image_for(
+        fuse_ino_t ino) const;  // live row, or a removed one still known
     ImageRow require_image(fuse_ino_t ino) const;
     struct stat root_attr() const;
     void set_root_attr(fuse_req_t req, const struct stat* attr, int to_set);

@@ -1,12 +1,12 @@
 // imagefsd: the daemon. Sets up everything that can fail before it forks, so that errors reach the
 // caller's terminal (and mount(8)) with a non-zero exit; starts threads only after the fork.
 #include <sys/mount.h>
-#include <climits>
-#include <fstream>
-#include <sstream>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
+#include <climits>
+#include <fstream>
+#include <sstream>
 
 #include <cerrno>
 #include <cstring>
@@ -71,7 +71,8 @@ void clear_dead_mount(const std::string& mnt) {
     struct stat st {};
     if (::stat(mnt.c_str(), &st) == 0) return;
     if (errno != ENOTCONN) return;
-    spdlog::warn("{} is a dead imagefs mount (transport endpoint not connected); detaching it", mnt);
+    spdlog::warn("{} is a dead imagefs mount (transport endpoint not connected); detaching it",
+                 mnt);
     if (::umount2(mnt.c_str(), MNT_DETACH) != 0)
         throw Error(Errc::busy, "cannot detach the dead mount at " + mnt + ": " +
                                     std::strerror(errno) + " (run 'fusermount3 -u " + mnt + "')");
@@ -97,10 +98,10 @@ int run(const DaemonOptions& o) {
     if (::stat(o.mountpoint.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
         throw Error(Errc::not_found, "mountpoint " + o.mountpoint + " is not a directory");
 
-    std::vector<std::string> argv_s = {"imagefsd", "-o",
-                                       std::string(o.read_only ? "ro," : "") +
-                                           "subtype=imagefs,fsname=" +
-                                           escape_option(dir.root().string())};
+    std::vector<std::string> argv_s = {
+        "imagefsd", "-o",
+        std::string(o.read_only ? "ro," : "") +
+            "subtype=imagefs,fsname=" + escape_option(dir.root().string())};
     if (o.debug) argv_s.push_back("-d");
     for (const auto& f : o.fuse_options) {
         argv_s.push_back("-o");

@@ -10,7 +10,9 @@ namespace imagefs {
 
 WaitList::WaitList(Resolver resolver) : resolver_(std::move(resolver)) {}
 
-WaitList::~WaitList() { stop(); }
+WaitList::~WaitList() {
+    stop();
+}
 
 void WaitList::start() {
     sigset_t all, old;
@@ -40,8 +42,7 @@ void WaitList::stop() {
     if (watcher_.joinable()) watcher_.join();
 }
 
-uint64_t WaitList::add(fuse_req_t req, int64_t image_id, pid_t caller,
-                       Clock::time_point deadline) {
+uint64_t WaitList::add(fuse_req_t req, int64_t image_id, pid_t caller, Clock::time_point deadline) {
     std::lock_guard lk(mu_);
     uint64_t h = next_handle_++;
     waiters_.emplace(h, Waiter{req, image_id, caller, deadline, true, false, std::nullopt});

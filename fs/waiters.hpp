@@ -27,7 +27,7 @@ namespace imagefs {
 enum class WaitOutcome { ready, failed, removed, timed_out, interrupted, shutdown };
 
 class WaitList {
-public:
+  public:
     using Clock = std::chrono::steady_clock;
     // Answers a request. Called with no WaitList lock held.
     using Resolver = std::function<void(fuse_req_t, int64_t image_id, WaitOutcome)>;
@@ -50,7 +50,7 @@ public:
 
     size_t size() const;
 
-private:
+  private:
     struct Waiter {
         fuse_req_t req;
         int64_t image_id;

@@ -51,9 +51,9 @@ std::string normalize_hex_digest(DigestAlgo algo, std::string_view hex) {
         s.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
     }
     if (s.size() != want)
-        throw Error(Errc::invalid_argument,
-                    std::string("invalid ") + name + " checksum: expected " +
-                        std::to_string(want) + " hex digits, got " + std::to_string(s.size()));
+        throw Error(Errc::invalid_argument, std::string("invalid ") + name +
+                                                " checksum: expected " + std::to_string(want) +
+                                                " hex digits, got " + std::to_string(s.size()));
     return s;
 }
 

@@ -11,7 +11,7 @@ namespace imagefs {
 enum class DigestAlgo { sha256, sha512 };
 
 class Digest {
-public:
+  public:
     explicit Digest(DigestAlgo algo);
     ~Digest();
     Digest(const Digest&) = delete;
@@ -20,7 +20,7 @@ public:
     void update(const void* data, size_t len);
     std::string hex();  // finalises; call once
 
-private:
+  private:
     struct Ctx;
     std::unique_ptr<Ctx> ctx_;
 };

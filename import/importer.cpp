@@ -26,7 +26,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 class Fd {
-public:
+  public:
     explicit Fd(int fd) : fd_(fd) {}
     ~Fd() { reset(); }
     Fd(const Fd&) = delete;
@@ -37,7 +37,7 @@ public:
         fd_ = -1;
     }
 
-private:
+  private:
     int fd_;
 };
 
@@ -54,12 +54,18 @@ bool all_zero(const char* p, size_t n) {
 // holes (so sparse images stay sparse), reporting progress to the listener on every chunk and to
 // the catalog at a bounded rate.
 class StagingSink : public ByteSink {
-public:
+  public:
     StagingSink(int fd, const ImageRow& row, const StateDir& dir, Catalog& cat,
                 const ImportOptions& opts, const std::atomic<CancelReason>& cancel,
                 ImportListener& listener)
-        : fd_(fd), row_(row), dir_(dir), cat_(cat), opts_(opts), cancel_(cancel),
-          listener_(listener), sha256_(DigestAlgo::sha256) {
+        : fd_(fd),
+          row_(row),
+          dir_(dir),
+          cat_(cat),
+          opts_(opts),
+          cancel_(cancel),
+          listener_(listener),
+          sha256_(DigestAlgo::sha256) {
         if (row.expected_sha512) sha512_ = std::make_unique<Digest>(DigestAlgo::sha512);
     }
 
@@ -67,7 +73,8 @@ public:
         announced_ = size;
         if (size) {
             check_space(*size);
-            if (size != row_.expected_size && cat_.set_expected_size(row_.id, row_.import_token, size)) {
+            if (size != row_.expected_size &&
+                cat_.set_expected_size(row_.id, row_.import_token, size)) {
                 if (auto r = cat_.get(row_.id)) listener_.image_changed(*r);
             }
         }
@@ -103,7 +110,7 @@ public:
         return sha512_ ? std::optional<std::string>(sha512_->hex()) : std::nullopt;
     }
 
-private:
+  private:
     void pwrite_all(const char* p, size_t n, int64_t off) {
         while (n > 0) {
             ssize_t w = ::pwrite(fd_, p, n, off);
@@ -189,8 +196,8 @@ void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, 
     info.sha256 = sha256;
     info.sha512 = sha512;
     if (row.expected_sha256 && *row.expected_sha256 != info.sha256)
-        throw Error(Errc::failed, "sha256 mismatch: expected " + *row.expected_sha256 + ", got " +
-                                      info.sha256);
+        throw Error(Errc::failed,
+                    "sha256 mismatch: expected " + *row.expected_sha256 + ", got " + info.sha256);
     if (row.expected_sha512 && row.expected_sha512 != info.sha512)
         throw Error(Errc::failed, "sha512 mismatch: expected " + *row.expected_sha512 + ", got " +
                                       info.sha512.value_or(""));
@@ -259,7 +266,9 @@ int recover_state_dir(const StateDir& dir, Catalog& cat) {
 ImportManager::ImportManager(const StateDir& dir, ImportOptions opts, ImportListener& listener)
     : dir_(dir), opts_(opts), listener_(listener) {}
 
-ImportManager::~ImportManager() { stop(); }
+ImportManager::~ImportManager() {
+    stop();
+}
 
 void ImportManager::start() {
     stop_fd_ = ::eventfd(0, EFD_CLOEXEC);

@@ -32,12 +32,12 @@ struct ImportOptions {
 // Told about every catalog change the daemon makes or observes. Called from the manager's threads
 // with no manager lock held.
 class ImportListener {
-public:
+  public:
     virtual ~ImportListener() = default;
     // The whole catalog, and the highest id handed out when it was read (see Catalog::list).
     virtual void catalog_synced(const std::vector<ImageRow>& rows, int64_t max_id) = 0;
-    virtual void image_changed(const ImageRow& row) = 0;                  // one row, after a transition
-    virtual void image_progress(int64_t id, int64_t bytes) = 0;          // live byte count
+    virtual void image_changed(const ImageRow& row) = 0;         // one row, after a transition
+    virtual void image_progress(int64_t id, int64_t bytes) = 0;  // live byte count
 };
 
 enum class CancelReason : int { none = 0, shutdown = 1, removed = 2 };
@@ -47,9 +47,10 @@ void run_import(const ImageRow& row, const StateDir& dir, Catalog& cat, const Im
                 const std::atomic<CancelReason>& cancel, ImportListener& listener);
 
 // The common end of every import and upload, for a row in `verifying` whose complete bytes are in
-// its staging file (open at `fd`) and were hashed: compare the expected checksums, detect the format,
-// fsync, rename into images/, fsync the directories, mark the row active. Throws Error(failed) on a
-// checksum mismatch and Error(cancelled) if the row went away; the caller fails the row.
+// its staging file (open at `fd`) and were hashed: compare the expected checksums, detect the
+// format, fsync, rename into images/, fsync the directories, mark the row active. Throws
+// Error(failed) on a checksum mismatch and Error(cancelled) if the row went away; the caller fails
+// the row.
 void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, int fd,
                         int64_t size, const std::string& sha256,
                         const std::optional<std::string>& sha512,
@@ -60,16 +61,16 @@ void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, 
 int recover_state_dir(const StateDir& dir, Catalog& cat);
 
 class ImportManager {
-public:
+  public:
     ImportManager(const StateDir& dir, ImportOptions opts, ImportListener& listener);
     ~ImportManager();
 
     // Spawns the control thread, the workers and the wakeup watcher. Call recover_state_dir first.
     void start();
-    void stop();   // cancels running imports (their rows stay importing) and joins every thread
-    void wake();   // re-read the catalog soon
+    void stop();  // cancels running imports (their rows stay importing) and joins every thread
+    void wake();  // re-read the catalog soon
 
-private:
+  private:
     void control_loop();
     void worker_loop();
     void watch_loop();
@@ -79,7 +80,8 @@ private:
     ImportOptions opts_;
     ImportListener& listener_;
 
-    // Lock order: mu_ is a leaf. It is never held across a SQLite call, a syscall or a listener call.
+    // Lock order: mu_ is a leaf. It is never held across a SQLite call, a syscall or a listener
+    // call.
     std::mutex mu_;
     std::condition_variable control_cv_;
     std::condition_variable work_cv_;

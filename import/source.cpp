@@ -146,8 +146,7 @@ SourceSpec parse_source(std::string_view source) {
                     "unsupported source '" + std::string(source) +
                         "': use an http:// or https:// URL or a local file path");
     if (s.front() != '/')
-        throw Error(Errc::invalid_argument,
-                    "local source '" + s + "' must be an absolute path");
+        throw Error(Errc::invalid_argument, "local source '" + s + "' must be an absolute path");
     return {SourceKind::file, s};
 }
 

@@ -29,7 +29,7 @@ struct FetchOptions {
 
 // Receives the bytes of one fetch, in order.
 class ByteSink {
-public:
+  public:
     virtual ~ByteSink() = default;
     // Called once before the first byte (and for empty bodies) with the size the source announced.
     virtual void begin(std::optional<int64_t> size) = 0;

@@ -46,7 +46,9 @@ void notify(Catalog& cat, ImportListener& listener, int64_t id) {
 Upload::Upload(int64_t id, int64_t token, int fd)
     : id_(id), token_(token), fd_(fd), digest_(std::make_unique<Digest>(DigestAlgo::sha256)) {}
 
-Upload::~Upload() { ::close(fd_); }
+Upload::~Upload() {
+    ::close(fd_);
+}
 
 void Upload::write(const char* data, size_t len, int64_t off) {
     // The kernel serialises writes to one file (inode lock), so writes normally arrive one at a
@@ -65,7 +67,8 @@ void Upload::write(const char* data, size_t len, int64_t off) {
         while (i < len) {
             size_t n = std::min(kBlock - static_cast<size_t>((off + int64_t(i)) % int64_t(kBlock)),
                                 len - i);
-            bool hole = alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
+            bool hole =
+                alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
             if (hole) {
                 if (i > run) pwrite_all(fd_, data + run, i - run, off + int64_t(run));
                 run = i + n;
@@ -152,7 +155,8 @@ std::string hash_file(int fd, int64_t size, DigestAlgo algo) {
     std::vector<char> buf(1 << 20);
     int64_t off = 0;
     while (off < size) {
-        ssize_t n = ::pread(fd, buf.data(), std::min<int64_t>(int64_t(buf.size()), size - off), off);
+        ssize_t n =
+            ::pread(fd, buf.data(), std::min<int64_t>(int64_t(buf.size()), size - off), off);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) throw_errno("cannot read upload data", errno);
         if (n == 0) throw Error(Errc::io, "upload data is shorter than its size");
@@ -199,7 +203,9 @@ UploadPublisher::UploadPublisher(const StateDir& dir, ImportListener& listener, 
                                  std::chrono::milliseconds grace)
     : dir_(dir), listener_(listener), claim_(std::move(claim)), grace_(grace) {}
 
-UploadPublisher::~UploadPublisher() { stop(); }
+UploadPublisher::~UploadPublisher() {
+    stop();
+}
 
 void UploadPublisher::start() {
     sigset_t all, old;

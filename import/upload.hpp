@@ -8,11 +8,11 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -28,7 +28,7 @@
 namespace imagefs {
 
 class Upload {
-public:
+  public:
     // Takes ownership of `fd`, the staging file open read-write.
     Upload(int64_t id, int64_t token, int fd);
     ~Upload();
@@ -57,7 +57,7 @@ public:
     // else a fresh pass over the file. Call once, after the last writer left.
     std::string sha256();
 
-private:
+  private:
     const int64_t id_;
     const int64_t token_;
     const int fd_;
@@ -85,7 +85,7 @@ void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListene
 // When the period ends, `claim` decides (atomically with respect to new writers) whether the
 // upload is still without writers and may be published.
 class UploadPublisher {
-public:
+  public:
     using Claim = std::function<bool(Upload&)>;
     UploadPublisher(const StateDir& dir, ImportListener& listener, Claim claim,
                     std::chrono::milliseconds grace);
@@ -94,7 +94,7 @@ public:
     void stop();  // publishes what is queued, then joins
     void submit(std::shared_ptr<Upload> up);
 
-private:
+  private:
     void loop();
     const StateDir& dir_;
     ImportListener& listener_;

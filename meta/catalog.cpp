@@ -104,32 +104,42 @@ int64_t now_ms() {
 
 std::string_view to_string(State s) {
     switch (s) {
-        case State::queued: return "queued";
-        case State::importing: return "importing";
-        case State::verifying: return "verifying";
-        case State::active: return "active";
-        case State::failed: return "failed";
+        case State::queued:
+            return "queued";
+        case State::importing:
+            return "importing";
+        case State::verifying:
+            return "verifying";
+        case State::active:
+            return "active";
+        case State::failed:
+            return "failed";
     }
     return "failed";
 }
 
 std::optional<State> parse_state(std::string_view s) {
-    for (State st : {State::queued, State::importing, State::verifying, State::active,
-                     State::failed})
+    for (State st :
+         {State::queued, State::importing, State::verifying, State::active, State::failed})
         if (to_string(st) == s) return st;
     return std::nullopt;
 }
 
 std::string_view to_string(SourceKind k) {
     switch (k) {
-        case SourceKind::http: return "http";
-        case SourceKind::file: return "file";
-        case SourceKind::upload: return "upload";
+        case SourceKind::http:
+            return "http";
+        case SourceKind::file:
+            return "file";
+        case SourceKind::upload:
+            return "upload";
     }
     return "file";
 }
 
-Catalog::Catalog(const std::string& db_path, bool create) : db_(db_path, create) { migrate(); }
+Catalog::Catalog(const std::string& db_path, bool create) : db_(db_path, create) {
+    migrate();
+}
 
 int64_t Catalog::schema_version() {
     sql::Statement st(db_, "PRAGMA user_version");
@@ -290,11 +300,13 @@ RenameResult Catalog::rename(std::string_view from, std::string_view to, bool re
         if (from == to) return res;
         if (auto dst = find(to)) {
             if (!replace)
-                throw Error(Errc::exists, "an image named '" + std::string(to) + "' already exists");
+                throw Error(Errc::exists,
+                            "an image named '" + std::string(to) + "' already exists");
             sql::Statement(db_, "DELETE FROM images WHERE id = ?").bind(1, dst->id).run();
             res.replaced = dst;
         }
-        sql::Statement st(db_, "UPDATE images SET name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
+        sql::Statement st(
+            db_, "UPDATE images SET name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
         st.bind(1, to).bind(2, now_ms()).bind(3, src->id).run();
         res.moved = *get(src->id);
         tx.commit();
@@ -320,9 +332,10 @@ std::optional<ImageRow> Catalog::set_meta(int64_t id, const MetaUpdate& m) {
 
 bool Catalog::set_expected_sha256(int64_t id, int64_t token, const std::string& hex) {
     return sql::with_retry(db_, [&] {
-        sql::Statement st(db_,
-                          "UPDATE images SET expected_sha256 = ?, updated_at = MAX(?, updated_at + 1) "
-                          "WHERE id = ? AND import_token = ? AND state = 'importing'");
+        sql::Statement st(
+            db_,
+            "UPDATE images SET expected_sha256 = ?, updated_at = MAX(?, updated_at + 1) "
+            "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, hex).bind(2, now_ms()).bind(3, id).bind(4, token).run();
         return db_.changes() > 0;
     });
@@ -332,7 +345,8 @@ bool Catalog::set_xattr(int64_t id, std::string_view name, std::string_view valu
     return sql::with_retry(db_, [&] {
         sql::Transaction tx(db_);
         if (!get(id)) return false;
-        sql::Statement st(db_, "INSERT OR REPLACE INTO xattrs (image_id, name, value) VALUES (?, ?, ?)");
+        sql::Statement st(db_,
+                          "INSERT OR REPLACE INTO xattrs (image_id, name, value) VALUES (?, ?, ?)");
         st.bind(1, id).bind(2, name).bind_blob(3, value).run();
         sql::Statement(db_, "UPDATE images SET updated_at = MAX(?, updated_at + 1) WHERE id = ?")
             .bind(1, now_ms())
@@ -350,7 +364,8 @@ bool Catalog::remove_xattr(int64_t id, std::string_view name) {
         st.bind(1, id).bind(2, name).run();
         bool removed = db_.changes() > 0;
         if (removed)
-            sql::Statement(db_, "UPDATE images SET updated_at = MAX(?, updated_at + 1) WHERE id = ?")
+            sql::Statement(db_,
+                           "UPDATE images SET updated_at = MAX(?, updated_at + 1) WHERE id = ?")
                 .bind(1, now_ms())
                 .bind(2, id)
                 .run();
@@ -362,11 +377,12 @@ bool Catalog::remove_xattr(int64_t id, std::string_view name) {
 std::optional<ImageRow> Catalog::start_import(int64_t id) {
     return sql::with_retry(db_, [&]() -> std::optional<ImageRow> {
         sql::Transaction tx(db_);
-        sql::Statement st(db_,
-                          "UPDATE images SET state = 'importing', attempts = attempts + 1, "
-                          "import_token = import_token + 1, bytes_imported = 0, "
-                          "final_size = NULL, last_error = NULL, updated_at = MAX(?, updated_at + 1) "
-                          "WHERE id = ? AND state = 'queued'");
+        sql::Statement st(
+            db_,
+            "UPDATE images SET state = 'importing', attempts = attempts + 1, "
+            "import_token = import_token + 1, bytes_imported = 0, "
+            "final_size = NULL, last_error = NULL, updated_at = MAX(?, updated_at + 1) "
+            "WHERE id = ? AND state = 'queued'");
         st.bind(1, now_ms()).bind(2, id).run();
         if (db_.changes() == 0) return std::nullopt;
         auto row = get(id);
@@ -375,12 +391,12 @@ std::optional<ImageRow> Catalog::start_import(int64_t id) {
     });
 }
 
-
 bool Catalog::set_expected_size(int64_t id, int64_t token, std::optional<int64_t> size) {
     return sql::with_retry(db_, [&] {
-        sql::Statement st(db_,
-                          "UPDATE images SET expected_size = ?, updated_at = MAX(?, updated_at + 1) "
-                          "WHERE id = ? AND import_token = ? AND state = 'importing'");
+        sql::Statement st(
+            db_,
+            "UPDATE images SET expected_size = ?, updated_at = MAX(?, updated_at + 1) "
+            "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, size).bind(2, now_ms()).bind(3, id).bind(4, token).run();
         return db_.changes() > 0;
     });
@@ -388,9 +404,10 @@ bool Catalog::set_expected_size(int64_t id, int64_t token, std::optional<int64_t
 
 bool Catalog::update_progress(int64_t id, int64_t token, int64_t bytes) {
     return sql::with_retry(db_, [&] {
-        sql::Statement st(db_,
-                          "UPDATE images SET bytes_imported = ?, updated_at = MAX(?, updated_at + 1) "
-                          "WHERE id = ? AND import_token = ? AND state = 'importing'");
+        sql::Statement st(
+            db_,
+            "UPDATE images SET bytes_imported = ?, updated_at = MAX(?, updated_at + 1) "
+            "WHERE id = ? AND import_token = ? AND state = 'importing'");
         st.bind(1, bytes).bind(2, now_ms()).bind(3, id).bind(4, token).run();
         return db_.changes() > 0;
     });
@@ -433,7 +450,8 @@ bool Catalog::activate(int64_t id, int64_t token, const ActiveInfo& info) {
 bool Catalog::fail(int64_t id, int64_t token, const std::string& error) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
-                          "UPDATE images SET state = 'failed', last_error = ?, updated_at = MAX(?, updated_at + 1) "
+                          "UPDATE images SET state = 'failed', last_error = ?, updated_at = MAX(?, "
+                          "updated_at + 1) "
                           "WHERE id = ? AND import_token = ? "
                           "AND state IN ('importing', 'verifying')");
         st.bind(1, error).bind(2, now_ms()).bind(3, id).bind(4, token).run();
@@ -447,12 +465,13 @@ ImageRow Catalog::retry(std::string_view name) {
         auto row = find(name);
         if (!row) throw Error(Errc::not_found, "no image named '" + std::string(name) + "'");
         if (row->state != State::failed)
-            throw Error(Errc::invalid_argument,
-                        "image '" + std::string(name) + "' is " + std::string(to_string(row->state)) +
-                            "; only failed images can be retried");
+            throw Error(Errc::invalid_argument, "image '" + std::string(name) + "' is " +
+                                                    std::string(to_string(row->state)) +
+                                                    "; only failed images can be retried");
         sql::Statement st(db_,
                           "UPDATE images SET state = 'queued', attempts = 0, last_error = NULL, "
-                          "bytes_imported = 0, final_size = NULL, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
+                          "bytes_imported = 0, final_size = NULL, updated_at = MAX(?, updated_at + "
+                          "1) WHERE id = ?");
         st.bind(1, now_ms()).bind(2, row->id).run();
         auto updated = get(row->id);
         tx.commit();
@@ -469,11 +488,12 @@ std::vector<int64_t> Catalog::recover() {
                               "SELECT id FROM images WHERE state IN ('importing', 'verifying')");
             while (st.step()) ids.push_back(st.i64(0));
         }
-        sql::Statement up(db_,
-                          "UPDATE images SET state = 'failed', updated_at = MAX(?, updated_at + 1), last_error = "
-                          "'upload interrupted: the daemon stopped before the writer finished; "
-                          "write the file again' "
-                          "WHERE state IN ('importing', 'verifying') AND source_kind = 'upload'");
+        sql::Statement up(
+            db_,
+            "UPDATE images SET state = 'failed', updated_at = MAX(?, updated_at + 1), last_error = "
+            "'upload interrupted: the daemon stopped before the writer finished; "
+            "write the file again' "
+            "WHERE state IN ('importing', 'verifying') AND source_kind = 'upload'");
         up.bind(1, now_ms()).run();
         sql::Statement st(db_,
                           "UPDATE images SET state = 'queued', bytes_imported = 0, "

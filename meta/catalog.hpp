@@ -51,7 +51,7 @@ struct ImageRow {
     int64_t mode = 0444;
     int64_t uid = 0;
     int64_t gid = 0;
-    std::optional<int64_t> mtime_ns;  // unset: the activation (or creation) time
+    std::optional<int64_t> mtime_ns;            // unset: the activation (or creation) time
     std::map<std::string, std::string> xattrs;  // user.* xattrs stored for the file (rsync -X)
 };
 
@@ -67,7 +67,7 @@ struct MetaUpdate {
 };
 
 struct RenameResult {
-    ImageRow moved;                   // with its new name
+    ImageRow moved;                    // with its new name
     std::optional<ImageRow> replaced;  // the image that had the new name, now removed
 };
 
@@ -89,7 +89,7 @@ struct ActiveInfo {
 };
 
 class Catalog {
-public:
+  public:
     static constexpr int64_t kSchemaVersion = 2;
 
     // Opens the catalog at `db_path`, creating it if `create`, and upgrades its schema. Refuses a
@@ -123,7 +123,8 @@ public:
     bool update_progress(int64_t id, int64_t token, int64_t bytes);
     bool begin_verify(int64_t id, int64_t token, int64_t final_size);  // importing -> verifying
     bool activate(int64_t id, int64_t token, const ActiveInfo& info);  // verifying -> active
-    bool fail(int64_t id, int64_t token, const std::string& error);    // importing|verifying -> failed
+    bool fail(int64_t id, int64_t token,
+              const std::string& error);  // importing|verifying -> failed
 
     // failed -> queued, for `imagefs retry`. Errc::not_found / Errc::invalid_argument otherwise.
     ImageRow retry(std::string_view name);
@@ -134,7 +135,7 @@ public:
     int64_t schema_version();
     sql::Connection& connection() { return db_; }
 
-private:
+  private:
     void migrate();
     void load_xattrs(ImageRow& row);
     void load_xattrs(std::vector<ImageRow>& rows);

@@ -6,9 +6,9 @@ namespace {
 bool same(const ImageRow& a, const ImageRow& b) {
     return a.name == b.name && a.state == b.state && a.expected_size == b.expected_size &&
            a.final_size == b.final_size && a.last_error == b.last_error &&
-           a.import_token == b.import_token && a.updated_at == b.updated_at &&
-           a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime_ns == b.mtime_ns &&
-           a.xattrs == b.xattrs && a.expected_sha256 == b.expected_sha256;
+           a.import_token == b.import_token && a.updated_at == b.updated_at && a.mode == b.mode &&
+           a.uid == b.uid && a.gid == b.gid && a.mtime_ns == b.mtime_ns && a.xattrs == b.xattrs &&
+           a.expected_sha256 == b.expected_sha256;
 }
 
 }  // namespace

@@ -21,12 +21,12 @@ namespace imagefs {
 struct RegistryEvent {
     enum Kind { added, changed, removed };
     Kind kind;
-    ImageRow row;       // the new row (or the last one known, for removed)
-    State old_state;    // for changed and removed
+    ImageRow row;     // the new row (or the last one known, for removed)
+    State old_state;  // for changed and removed
 };
 
 class Registry {
-public:
+  public:
     // Replaces the whole view with a listing of the catalog; returns what changed. Rows with ids
     // above `max_id` were added after the listing and are kept. A row is only ever replaced by a
     // newer version (updated_at), and a removed id never comes back (ids are never reused), so a
@@ -41,7 +41,7 @@ public:
     std::optional<ImageRow> by_name(const std::string& name) const;
     std::vector<ImageRow> snapshot() const;  // ordered by id
 
-private:
+  private:
     std::optional<RegistryEvent> apply_locked(const ImageRow& row);
     void unname_locked(const std::string& name, int64_t id);
 

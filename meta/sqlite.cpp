@@ -35,8 +35,8 @@ Connection::Connection(const std::string& path, bool create) : path_(path) {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
     int rc = sqlite3_open_v2(path.c_str(), &db_, flags, nullptr);
     if (rc != SQLITE_OK) {
-        std::string msg = "cannot open catalog " + path + ": " +
-                          (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc));
+        std::string msg =
+            "cannot open catalog " + path + ": " + (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc));
         sqlite3_close_v2(db_);
         db_ = nullptr;
         int prim = rc & 0xff;
@@ -81,11 +81,14 @@ void Connection::exec(const char* sql) {
 }
 
 Statement::Statement(Connection& c, std::string_view sql) : conn_(c) {
-    int rc = sqlite3_prepare_v2(c.handle(), sql.data(), static_cast<int>(sql.size()), &st_, nullptr);
+    int rc =
+        sqlite3_prepare_v2(c.handle(), sql.data(), static_cast<int>(sql.size()), &st_, nullptr);
     if (rc != SQLITE_OK) fail(c.handle(), rc, "catalog " + c.path() + ": prepare");
 }
 
-Statement::~Statement() { sqlite3_finalize(st_); }
+Statement::~Statement() {
+    sqlite3_finalize(st_);
+}
 
 Statement& Statement::bind(int i, int64_t v) {
     sqlite3_bind_int64(st_, i, v);
@@ -127,7 +130,9 @@ std::string Statement::text(int col) const {
     return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(st_, col))) : std::string();
 }
 
-Transaction::Transaction(Connection& c) : conn_(c) { conn_.exec("BEGIN IMMEDIATE"); }
+Transaction::Transaction(Connection& c) : conn_(c) {
+    conn_.exec("BEGIN IMMEDIATE");
+}
 
 Transaction::~Transaction() {
     if (!done_) sqlite3_exec(conn_.handle(), "ROLLBACK", nullptr, nullptr, nullptr);

@@ -16,7 +16,7 @@
 namespace imagefs::sql {
 
 class Connection {
-public:
+  public:
     // Opens (creating if `create`) the database with foreign keys and a busy timeout; reads it once
     // so that a file that is not a database fails here without being written.
     // Throws imagefs::Error (corrupt / permission / io) with a message naming `path`.
@@ -32,13 +32,13 @@ public:
     sqlite3* handle() const { return db_; }
     const std::string& path() const { return path_; }
 
-private:
+  private:
     sqlite3* db_ = nullptr;
     std::string path_;
 };
 
 class Statement {
-public:
+  public:
     Statement(Connection& c, std::string_view sql);
     ~Statement();
     Statement(const Statement&) = delete;
@@ -74,7 +74,7 @@ public:
         return is_null(col) ? std::nullopt : std::optional<std::string>(text(col));
     }
 
-private:
+  private:
     Connection& conn_;
     sqlite3_stmt* st_ = nullptr;
 };
@@ -83,27 +83,27 @@ private:
 // BEGIN IMMEDIATE takes the write lock up front, so two writers never deadlock on a lock upgrade;
 // the busy timeout covers waiting for it.
 class Transaction {
-public:
+  public:
     explicit Transaction(Connection& c);
     ~Transaction();
     Transaction(const Transaction&) = delete;
     Transaction& operator=(const Transaction&) = delete;
     void commit();
 
-private:
+  private:
     Connection& conn_;
     bool done_ = false;
 };
 
 // BEGIN (deferred) for a consistent read of several statements; ends it in the destructor.
 class ReadTransaction {
-public:
+  public:
     explicit ReadTransaction(Connection& c) : conn_(c) { conn_.exec("BEGIN"); }
     ~ReadTransaction() { sqlite3_exec(conn_.handle(), "COMMIT", nullptr, nullptr, nullptr); }
     ReadTransaction(const ReadTransaction&) = delete;
     ReadTransaction& operator=(const ReadTransaction&) = delete;
 
-private:
+  private:
     Connection& conn_;
 };
 

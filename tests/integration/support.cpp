@@ -95,7 +95,9 @@ void write_file(const std::string& path, const std::string& data) {
     REQUIRE(f.good());
 }
 
-std::string read_file(const std::string& path) { return slurp(path); }
+std::string read_file(const std::string& path) {
+    return slurp(path);
+}
 
 std::string sha256_of(const std::string& path) {
     auto r = run({"sha256sum", path});
@@ -103,7 +105,9 @@ std::string sha256_of(const std::string& path) {
     return r.out.substr(0, 64);
 }
 
-void touch(const std::string& path) { write_file(path, ""); }
+void touch(const std::string& path) {
+    write_file(path, "");
+}
 
 HttpServer::HttpServer(const std::string& root) {
     std::string port_file = root + "/.port";
@@ -196,7 +200,9 @@ Mount::Mount(std::string state, std::string mnt, std::string opts)
     FAIL("imagefsd did not mount " << mnt_ << " within 15 s:\n" << log());
 }
 
-std::string Mount::log() const { return slurp(log_); }
+std::string Mount::log() const {
+    return slurp(log_);
+}
 
 void Mount::kill9() {
     REQUIRE(pid_ > 0);
@@ -306,7 +312,9 @@ OpenerChild::~OpenerChild() {
     if (pipe_ >= 0) ::close(pipe_);
 }
 
-void OpenerChild::signal(int sig) { ::kill(pid_, sig); }
+void OpenerChild::signal(int sig) {
+    ::kill(pid_, sig);
+}
 
 std::optional<int> OpenerChild::wait(std::chrono::milliseconds timeout) {
     auto st = wait_pid(pid_, timeout);

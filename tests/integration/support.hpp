@@ -15,13 +15,13 @@ using namespace std::chrono_literals;
 
 // A fresh directory under /tmp, removed with everything in it (unmounting nothing).
 class TempDir {
-public:
+  public:
     TempDir();
     ~TempDir();
     const std::string& path() const { return path_; }
     std::string operator/(const std::string& name) const { return path_ + "/" + name; }
 
-private:
+  private:
     std::string path_;
 };
 
@@ -43,13 +43,13 @@ void touch(const std::string& path);
 
 // The project's scriptable HTTP server (tests/httpd.py) on 127.0.0.1, serving `root`.
 class HttpServer {
-public:
+  public:
     explicit HttpServer(const std::string& root);
     ~HttpServer();
     std::string url(const std::string& path_and_query) const;
     int port() const { return port_; }
 
-private:
+  private:
     pid_t pid_ = -1;
     int port_ = 0;
 };
@@ -57,16 +57,16 @@ private:
 // imagefsd -f on a mountpoint. The destructor unmounts and fails the running test if the daemon
 // does not exit cleanly (status 0) within 15 s.
 class Mount {
-public:
+  public:
     Mount(std::string state, std::string mnt, std::string opts = "");
     ~Mount();
-    void kill9();  // SIGKILL the daemon; leaves the dead mount behind
+    void kill9();    // SIGKILL the daemon; leaves the dead mount behind
     void unmount();  // clean unmount; REQUIREs a clean exit
     pid_t pid() const { return pid_; }
     std::string log() const;
     const std::string& mnt() const { return mnt_; }
 
-private:
+  private:
     std::string state_, mnt_, log_;
     pid_t pid_ = -1;
 };
@@ -85,7 +85,7 @@ std::string state_of(const std::string& state_dir, const std::string& name);
 // 0 when the open succeeded (and fstat's size was written to a result pipe), 100 + errno otherwise.
 // SIGINT and SIGQUIT are reset to their defaults first (a non-interactive parent may ignore them).
 class OpenerChild {
-public:
+  public:
     // `setup` runs in the child before open(), e.g. to install signal handlers.
     OpenerChild(const std::string& path, int flags, std::function<void()> setup = {});
     ~OpenerChild();
@@ -97,7 +97,7 @@ public:
     int64_t size_seen() const { return size_seen_; }  // st_size after a successful open
     pid_t pid() const { return pid_; }
 
-private:
+  private:
     pid_t pid_ = -1;
     int pipe_ = -1;
     int64_t size_seen_ = -1;

@@ -51,10 +51,10 @@ TEST_CASE("bad image names are refused with one line naming the problem", "[cli]
     struct Case {
         std::string name, expect;
     };
-    for (const auto& k : {Case{"", "the name is empty"}, Case{"a/b", "cannot contain '/'"},
-                          Case{".", "reserved"}, Case{"..", "reserved"},
-                          Case{std::string(256, 'x'), "longer than the 255-byte limit"},
-                          Case{"keep", "already exists"}}) {
+    for (const auto& k :
+         {Case{"", "the name is empty"}, Case{"a/b", "cannot contain '/'"}, Case{".", "reserved"},
+          Case{"..", "reserved"}, Case{std::string(256, 'x'), "longer than the 255-byte limit"},
+          Case{"keep", "already exists"}}) {
         auto r = cli(c.state, {"import", k.name, di_kernel()});
         INFO("name: " << k.name);
         CHECK(r.status == 1);
@@ -100,7 +100,8 @@ TEST_CASE("sources that cannot be imported fail with the reason", "[cli]") {
 TEST_CASE("retry imports a failed image again", "[cli]") {
     Catalogued c;
     // Fails once with HTTP 500, then the server serves it normally.
-    auto r = cli(c.state, {"import", "flaky", c.http->url("linux?status=500&once=flaked"), "--wait"});
+    auto r =
+        cli(c.state, {"import", "flaky", c.http->url("linux?status=500&once=flaked"), "--wait"});
     CHECK(r.status == 1);
     CHECK(state_of(c.state, "flaky") == "failed");
     r = cli(c.state, {"retry", "keep"});
@@ -190,9 +191,9 @@ TEST_CASE("real input: a qcow2 built from the installer served slowly over HTTP"
     HttpServer http(www);
     std::string state = t / "state";
     Mount m(state, t / "mnt");
-    REQUIRE(cli(state, {"import", "disk.qcow2", http.url("disk.qcow2?rate=33554432"), "--sha256",
-                        sum})
-                .status == 0);
+    REQUIRE(
+        cli(state, {"import", "disk.qcow2", http.url("disk.qcow2?rate=33554432"), "--sha256", sum})
+            .status == 0);
     // A blocking cp started while the import runs returns with the complete image.
     REQUIRE(wait_state(state, "disk.qcow2", "importing"));
     auto cp = run({"cp", t / "mnt/disk.qcow2", t / "copy.qcow2"});

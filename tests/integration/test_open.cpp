@@ -55,7 +55,8 @@ struct Env {
         REQUIRE(wait_state(state, name, "importing"));
         // ... and the response headers (Content-Length) have arrived.
         for (int i = 0; i < 200; ++i) {
-            if (::getxattr(path(name).c_str(), "user.imagefs.expected_size", nullptr, 0) > 0) return;
+            if (::getxattr(path(name).c_str(), "user.imagefs.expected_size", nullptr, 0) > 0)
+                return;
             std::this_thread::sleep_for(50ms);
         }
         FAIL("the import of " << name << " never learned its size");
@@ -212,7 +213,9 @@ TEST_CASE("200 waiting opens hold no worker thread", "[open]") {
 
 namespace {
 volatile sig_atomic_t g_got = 0;
-void note_signal(int sig) { g_got = sig; }
+void note_signal(int sig) {
+    g_got = sig;
+}
 void install(int sig, bool restart) {
     struct sigaction sa {};
     sa.sa_handler = note_signal;

@@ -40,7 +40,9 @@ int open_errno(const std::string& path, int flags) {
     return errno;
 }
 
-std::string listing(const std::string& dir) { return run({"ls", "-A", dir}).out; }
+std::string listing(const std::string& dir) {
+    return run({"ls", "-A", dir}).out;
+}
 
 std::string read_fd(int fd) {
     std::string out;
@@ -161,7 +163,8 @@ TEST_CASE("rsync -a in, twice: temporary names vanish and the second run transfe
     auto l = cli(env.state, {"list"});
     CHECK(l.out.find(".linux.") == std::string::npos);
     CHECK(sha256_of(env.path("linux")) == sha256_of(di_kernel()));
-    struct stat a {}, b {};
+    struct stat a {
+    }, b{};
     REQUIRE(::stat((src / "linux").c_str(), &a) == 0);
     REQUIRE(::stat(env.path("linux").c_str(), &b) == 0);
     CHECK((b.st_mode & 07777) == 0640);
@@ -263,7 +266,8 @@ TEST_CASE("removing an image that is being imported cancels it; waiters get ENOE
     CHECK(run({"ls", "-A", state + "/staging"}).out.empty());
 }
 
-TEST_CASE("a sparse 5 GiB image: markers past 2^31 and 2^32, holes kept, du right", "[write][large]") {
+TEST_CASE("a sparse 5 GiB image: markers past 2^31 and 2^32, holes kept, du right",
+          "[write][large]") {
     WEnv env;
     TempDir src;
     std::string img = src / "big.raw";
@@ -311,7 +315,8 @@ TEST_CASE("a sparse 5 GiB image: markers past 2^31 and 2^32, holes kept, du righ
 
 TEST_CASE("qemu-img convert writes a qcow2 into the mount", "[write]") {
     WEnv env;
-    auto r = run({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", di_initrd(), env.path("d.qcow2")});
+    auto r =
+        run({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", di_initrd(), env.path("d.qcow2")});
     INFO(r.err);
     REQUIRE(r.status == 0);
     REQUIRE(wait_state(env.state, "d.qcow2", "active"));
@@ -337,14 +342,16 @@ TEST_CASE("user.imagefs.sha256 set on a file being written is verified on close"
 
 TEST_CASE("df on the mount reports the state directory's file system", "[write]") {
     WEnv env;
-    struct statvfs a {}, b {};
+    struct statvfs a {
+    }, b{};
     REQUIRE(::statvfs(env.state.c_str(), &a) == 0);
     REQUIRE(::statvfs(env.mnt.c_str(), &b) == 0);
     CHECK(a.f_blocks * a.f_frsize == b.f_blocks * b.f_frsize);
     CHECK(run({"df", env.mnt}).status == 0);
 }
 
-TEST_CASE("an upload interrupted by a daemon crash is failed at the next start", "[write][restart]") {
+TEST_CASE("an upload interrupted by a daemon crash is failed at the next start",
+          "[write][restart]") {
     WEnv env;
     int fd = ::open(env.path("partial").c_str(), O_WRONLY | O_CREAT, 0644);
     REQUIRE(fd >= 0);

@@ -7,8 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/filesystem.hpp>
 #include <algorithm>
+#include <boost/filesystem.hpp>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -32,10 +32,11 @@ namespace fs = boost::filesystem;
 
 // A fresh directory under /tmp (mkdtemp), removed with everything in it on destruction.
 class TempDir {
-public:
+  public:
     TempDir() {
         char tmpl[] = "/tmp/imagefs-unit-XXXXXX";
-        if (!::mkdtemp(tmpl)) throw std::runtime_error(std::string("mkdtemp: ") + std::strerror(errno));
+        if (!::mkdtemp(tmpl))
+            throw std::runtime_error(std::string("mkdtemp: ") + std::strerror(errno));
         path_ = tmpl;
     }
     ~TempDir() {
@@ -50,7 +51,7 @@ public:
         return child.empty() ? path_.string() : (path_ / child).string();
     }
 
-private:
+  private:
     fs::path path_;
 };
 
@@ -92,7 +93,8 @@ inline std::string random_bytes(size_t n, uint64_t seed) {
     std::string s(n, '\0');
     for (size_t i = 0; i < n; i += 8) {
         uint64_t v = rng();
-        for (size_t j = 0; j < 8 && i + j < n; ++j) s[i + j] = static_cast<char>((v >> (8 * j)) & 0xff);
+        for (size_t j = 0; j < 8 && i + j < n; ++j)
+            s[i + j] = static_cast<char>((v >> (8 * j)) & 0xff);
     }
     return s;
 }

@@ -11,6 +11,7 @@
 #include "meta/catalog.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::ActiveInfo;
 using imagefs::Catalog;
 using imagefs::Errc;
@@ -21,7 +22,6 @@ using imagefs::State;
 using unit::dump;
 using unit::error_from;
 using unit::TempDir;
-using Catch::Matchers::Contains;
 
 namespace {
 
@@ -64,7 +64,8 @@ ImageRow drive_to(Catalog& c, const std::string& name, State target) {
 
 }  // namespace
 
-TEST_CASE("catalog: fresh create has the current schema version and WAL journal mode", "[catalog]") {
+TEST_CASE("catalog: fresh create has the current schema version and WAL journal mode",
+          "[catalog]") {
     TempDir t;
     const std::string db = t.str("catalog.db");
     Catalog c(db);
@@ -97,7 +98,7 @@ TEST_CASE("catalog: opening an existing catalog again keeps its rows", "[catalog
         Catalog c(db);
         id = c.add(image("kept")).id;
     }
-    Catalog a(db);                 // reopen, create allowed
+    Catalog a(db);                    // reopen, create allowed
     Catalog b(db, /*create=*/false);  // and a second one at the same time, create not allowed
     CHECK(a.schema_version() == Catalog::kSchemaVersion);
     CHECK(b.schema_version() == Catalog::kSchemaVersion);
@@ -113,7 +114,8 @@ TEST_CASE("catalog: opening an existing catalog again keeps its rows", "[catalog
     CHECK(b.list().size() == 2);
 }
 
-TEST_CASE("catalog: a newer schema version is refused and the file is left untouched", "[catalog]") {
+TEST_CASE("catalog: a newer schema version is refused and the file is left untouched",
+          "[catalog]") {
     TempDir t;
     const std::string db = t.str("catalog.db");
     const int64_t newer = Catalog::kSchemaVersion + 1;
@@ -148,7 +150,8 @@ TEST_CASE("catalog: a newer schema version is refused and the file is left untou
 // is converted to WAL (header bytes 18-19 rewritten from 1,1 to 2,2) before it is refused, so the
 // refused file is not left byte-identical. Fix idea: read PRAGMA user_version (a read-only
 // access, which also detects SQLITE_NOTADB) before switching the journal mode.
-TEST_CASE("catalog: a newer schema in rollback-journal mode is refused and left untouched", "[catalog][bug]") {
+TEST_CASE("catalog: a newer schema in rollback-journal mode is refused and left untouched",
+          "[catalog][bug]") {
     TempDir t;
     const std::string db = t.str("catalog.db");
     const int64_t newer = Catalog::kSchemaVersion + 1;
@@ -156,9 +159,11 @@ TEST_CASE("catalog: a newer schema in rollback-journal mode is refused and left 
         sqlite3* raw = nullptr;
         REQUIRE(sqlite3_open_v2(db.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                                 nullptr) == SQLITE_OK);
-        const std::string sql = "CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT);"
-                                "INSERT INTO images (name) VALUES ('x');"
-                                "PRAGMA user_version = " + std::to_string(newer) + ";";
+        const std::string sql =
+            "CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT);"
+            "INSERT INTO images (name) VALUES ('x');"
+            "PRAGMA user_version = " +
+            std::to_string(newer) + ";";
         REQUIRE(sqlite3_exec(raw, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK);
         REQUIRE(sqlite3_close_v2(raw) == SQLITE_OK);
     }
@@ -215,7 +220,8 @@ TEST_CASE("catalog: 64-bit sizes round-trip", "[catalog]") {
     CHECK(v->bytes_imported == final_size);
 
     const int64_t vsize = (int64_t{1} << 50) + 7;
-    REQUIRE(c.activate(r.id, s->import_token, ActiveInfo{final_size, kSha256, std::nullopt, "qcow2", vsize}));
+    REQUIRE(c.activate(r.id, s->import_token,
+                       ActiveInfo{final_size, kSha256, std::nullopt, "qcow2", vsize}));
     auto a = c.get(r.id);
     CHECK(a->final_size == std::optional<int64_t>(final_size));
     CHECK(a->virtual_size == std::optional<int64_t>(vsize));
@@ -323,9 +329,16 @@ TEST_CASE("catalog: a duplicate name is refused with exists", "[catalog]") {
 TEST_CASE("catalog: invalid image names are refused", "[catalog]") {
     TempDir t;
     Catalog c(t.str("catalog.db"));
-    const std::vector<std::string> bad = {
-        "", ".", "..", "a/b", "/", "/abs", "trailing/", std::string(256, 'n'), std::string("a\0b", 3),
-        std::string(1, '\0')};
+    const std::vector<std::string> bad = {"",
+                                          ".",
+                                          "..",
+                                          "a/b",
+                                          "/",
+                                          "/abs",
+                                          "trailing/",
+                                          std::string(256, 'n'),
+                                          std::string("a\0b", 3),
+                                          std::string(1, '\0')};
     for (const auto& name : bad) {
         INFO("name of " << name.size() << " bytes: '" << name << "'");
         auto e = error_from([&] { c.add(image(name)); });
@@ -401,7 +414,8 @@ TEST_CASE("catalog: full transition path queued to importing to verifying to act
     CHECK(act->created_at == q.created_at);
 }
 
-TEST_CASE("catalog: transitions with a stale token or from the wrong state change nothing", "[catalog]") {
+TEST_CASE("catalog: transitions with a stale token or from the wrong state change nothing",
+          "[catalog]") {
     TempDir t;
     Catalog c(t.str("catalog.db"));
     ImageRow q = c.add(image("disk"));
@@ -437,10 +451,10 @@ TEST_CASE("catalog: transitions with a stale token or from the wrong state chang
         const int64_t tok = imp->import_token;
         REQUIRE(c.begin_verify(q.id, tok, 10));
         const std::string snap = dump(*c.get(q.id));
-        CHECK_FALSE(c.update_progress(q.id, tok, 5));      // importing only
-        CHECK_FALSE(c.set_expected_size(q.id, tok, 5));    // importing only
-        CHECK_FALSE(c.begin_verify(q.id, tok, 11));        // already verifying
-        CHECK_FALSE(c.activate(q.id, tok + 1, info));      // stale token
+        CHECK_FALSE(c.update_progress(q.id, tok, 5));    // importing only
+        CHECK_FALSE(c.set_expected_size(q.id, tok, 5));  // importing only
+        CHECK_FALSE(c.begin_verify(q.id, tok, 11));      // already verifying
+        CHECK_FALSE(c.activate(q.id, tok + 1, info));    // stale token
         CHECK_FALSE(c.activate(q.id, tok - 1, info));
         CHECK_FALSE(c.fail(q.id, tok + 1, "stale"));
         CHECK_FALSE(c.start_import(q.id));
@@ -557,7 +571,8 @@ TEST_CASE("catalog: retry works only from failed and resets attempts", "[catalog
     CHECK(e2->code() == Errc::invalid_argument);
 }
 
-TEST_CASE("catalog: recover requeues importing and verifying and leaves the rest alone", "[catalog]") {
+TEST_CASE("catalog: recover requeues importing and verifying and leaves the rest alone",
+          "[catalog]") {
     TempDir t;
     Catalog c(t.str("catalog.db"));
     ImageRow q = drive_to(c, "q", State::queued);
@@ -597,7 +612,8 @@ TEST_CASE("catalog: recover requeues importing and verifying and leaves the rest
     CHECK(c.recover().empty());
 }
 
-TEST_CASE("catalog: two connections in two threads write concurrently without busy errors", "[catalog]") {
+TEST_CASE("catalog: two connections in two threads write concurrently without busy errors",
+          "[catalog]") {
     TempDir t;
     const std::string db = t.str("catalog.db");
     { Catalog init(db); }
@@ -671,7 +687,8 @@ TEST_CASE("catalog: two threads creating the same new catalog at once both succe
 }
 
 TEST_CASE("catalog: state and source kind names round-trip", "[catalog]") {
-    for (State s : {State::queued, State::importing, State::verifying, State::active, State::failed})
+    for (State s :
+         {State::queued, State::importing, State::verifying, State::active, State::failed})
         CHECK(imagefs::parse_state(imagefs::to_string(s)) == std::optional<State>(s));
     CHECK(imagefs::to_string(State::verifying) == "verifying");
     CHECK_FALSE(imagefs::parse_state("Active"));

@@ -2,12 +2,12 @@
 #include "import/digest.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::Digest;
 using imagefs::DigestAlgo;
 using imagefs::Errc;
 using imagefs::normalize_hex_digest;
 using unit::error_from;
-using Catch::Matchers::Contains;
 
 namespace {
 
@@ -37,8 +37,9 @@ TEST_CASE("digest: known SHA-256 vectors", "[digest]") {
     CHECK(digest_of(DigestAlgo::sha256, "") == kSha256Empty);
     CHECK(digest_of(DigestAlgo::sha256, "abc") == kSha256Abc);
     // Two-block NIST vector.
-    CHECK(digest_of(DigestAlgo::sha256, "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
-          "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    CHECK(
+        digest_of(DigestAlgo::sha256, "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
     // No update() at all is the empty message.
     Digest d(DigestAlgo::sha256);
     CHECK(d.hex() == kSha256Empty);
@@ -98,7 +99,8 @@ TEST_CASE("digest: normalize_hex_digest rejects wrong lengths and non-hex", "[di
         {DigestAlgo::sha256, " " + kSha256Abc, "not hexadecimal"},
         {DigestAlgo::sha256, kSha256Abc + "\n", "not hexadecimal"},
         {DigestAlgo::sha256, "0x" + kSha256Abc.substr(2), "not hexadecimal"},
-        {DigestAlgo::sha512, kSha512Abc.substr(0, 64) + "-" + kSha512Abc.substr(65), "not hexadecimal"},
+        {DigestAlgo::sha512, kSha512Abc.substr(0, 64) + "-" + kSha512Abc.substr(65),
+         "not hexadecimal"},
     };
     for (const auto& c : cases) {
         INFO("input '" << c.input << "'");

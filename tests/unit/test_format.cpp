@@ -104,14 +104,20 @@ TEST_CASE("format: qcow2 magic with an unknown version or absurd size is raw", "
 TEST_CASE("format: an ISO 9660 volume descriptor gives iso", "[format]") {
     unit::TempDir t;
     std::string iso(40960, '\0');
-    iso.replace(32768, 6, "\x01" "CD001", 6);
+    iso.replace(32768, 6,
+                "\x01"
+                "CD001",
+                6);
     FormatInfo info = detect_bytes(t, iso);
     CHECK(info.format == "iso");
     CHECK(info.virtual_size == 40960);
 
     // Any descriptor type byte; the identifier is what counts.
     std::string iso2 = unit::random_bytes(32768 + 2048, 3);
-    iso2.replace(32768, 6, "\xff" "CD001", 6);
+    iso2.replace(32768, 6,
+                 "\xff"
+                 "CD001",
+                 6);
     CHECK(detect_bytes(t, iso2).format == "iso");
 
     // The identifier cut off by the end of the file: raw.
@@ -122,7 +128,10 @@ TEST_CASE("format: an ISO 9660 volume descriptor gives iso", "[format]") {
 
     // At the wrong offset: raw.
     std::string wrong(40960, '\0');
-    wrong.replace(32768 + 512, 6, "\x01" "CD001", 6);
+    wrong.replace(32768 + 512, 6,
+                  "\x01"
+                  "CD001",
+                  6);
     CHECK(detect_bytes(t, wrong).format == "raw");
 }
 

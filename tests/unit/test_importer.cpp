@@ -9,6 +9,7 @@
 #include "import/importer.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::CancelReason;
 using imagefs::Catalog;
 using imagefs::Digest;
@@ -19,14 +20,13 @@ using imagefs::NewImage;
 using imagefs::SourceKind;
 using imagefs::State;
 using imagefs::StateDir;
-using Catch::Matchers::Contains;
 
 namespace {
 
 constexpr int64_t MiB = 1 << 20;
 
 class RecordingListener : public imagefs::ImportListener {
-public:
+  public:
     void catalog_synced(const std::vector<ImageRow>&, int64_t) override {
         std::lock_guard lk(mu);
         ++synced;
@@ -139,7 +139,8 @@ TEST_CASE("importer: a local file becomes active with verified bytes and holes f
     CHECK(unit::diff_bytes(unit::read_file(img), data) == "");
     CHECK_FALSE(unit::fs::exists(f.dir.staging_path(row->id)));
     CHECK(unit::dir_entries(f.dir.staging_dir()).empty());
-    CHECK(unit::dir_entries(f.dir.images_dir()) == std::vector<std::string>{img.filename().string()});
+    CHECK(unit::dir_entries(f.dir.images_dir()) ==
+          std::vector<std::string>{img.filename().string()});
 
     // The 2 MiB zero run is a hole.
     struct stat st {};
@@ -217,7 +218,7 @@ TEST_CASE("importer: a sha512 mismatch fails the image", "[importer]") {
     const std::string data = "tiny image";
     unit::write_file(f.source_path(), data);
     NewImage n = f.image("bad-512", f.source_path());
-    n.expected_sha256 = sha256_of(data);  // right
+    n.expected_sha256 = sha256_of(data);     // right
     n.expected_sha512 = sha512_of("other");  // wrong
     auto row = f.import(n);
     REQUIRE(row);

@@ -2,12 +2,12 @@
 #include "core/options.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::DaemonOptions;
 using imagefs::Errc;
 using imagefs::OpenMode;
 using imagefs::parse_daemon_args;
 using unit::error_from;
-using Catch::Matchers::Contains;
 
 using Args = std::vector<std::string>;
 
@@ -47,7 +47,8 @@ TEST_CASE("options: -f -d and option lists", "[options]") {
     // Attached form, several -o, later values win.
     DaemonOptions m = parse_daemon_args(
         {"-oopen=eagain", "-o", "log_level=debug,max_imports=8", "-o", "open=wait,open_timeout=0",
-         "-o", "connect_timeout=3,stall_timeout=600,log_file=/var/log/imagefsd.log,ro", "/s", "/m"});
+         "-o", "connect_timeout=3,stall_timeout=600,log_file=/var/log/imagefsd.log,ro", "/s",
+         "/m"});
     CHECK(m.open_mode == OpenMode::wait);
     CHECK(m.open_timeout_s == 0);
     CHECK(m.log_level == "debug");
@@ -116,10 +117,10 @@ TEST_CASE("options: mount-only options are dropped", "[options]") {
     CHECK_FALSE(o.allow_other);
     CHECK(o.open_mode == OpenMode::wait);
 
-    for (const char* opt : {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
-                            "nouser", "x-systemd.automount", "x-systemd.idle-timeout=60",
-                            "x-mount.mkdir", "comment=foo", "comment=systemd.automount", "nosuid",
-                            "nodev", "noexec", "noatime"}) {
+    for (const char* opt :
+         {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+          "x-systemd.automount", "x-systemd.idle-timeout=60", "x-mount.mkdir", "comment=foo",
+          "comment=systemd.automount", "nosuid", "nodev", "noexec", "noatime"}) {
         INFO(opt);
         CHECK(imagefs::is_mount_only_option(opt));
     }

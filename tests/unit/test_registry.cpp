@@ -29,9 +29,12 @@ ImageRow row(int64_t id, const std::string& name, State state = State::queued,
 
 std::string kind_name(RegistryEvent::Kind k) {
     switch (k) {
-        case RegistryEvent::added: return "added";
-        case RegistryEvent::changed: return "changed";
-        case RegistryEvent::removed: return "removed";
+        case RegistryEvent::added:
+            return "added";
+        case RegistryEvent::changed:
+            return "changed";
+        case RegistryEvent::removed:
+            return "removed";
     }
     return "?";
 }
@@ -53,7 +56,8 @@ TEST_CASE("registry: sync reports added changed and removed rows", "[registry]")
     CHECK(reg.snapshot().empty());
 
     auto ev = reg.sync({row(2, "b"), row(1, "a")}, kAll);
-    CHECK(describe(ev) == std::vector<std::string>{"added 2 b queued queued", "added 1 a queued queued"});
+    CHECK(describe(ev) ==
+          std::vector<std::string>{"added 2 b queued queued", "added 1 a queued queued"});
     auto snap = reg.snapshot();
     REQUIRE(snap.size() == 2);
     CHECK(snap[0].id == 1);  // ordered by id
@@ -213,11 +217,13 @@ TEST_CASE("registry: by_name follows a rename", "[registry]") {
 // updates of that row never re-register the name (apply_locked only touches names_ on a rename),
 // so ImageFs::lookup answers ENOENT for the image until the daemon restarts.
 // Fix idea: erase a name only if names_[name] still maps to the id being removed/renamed.
-TEST_CASE("registry: a name reused by a new row in the same sync stays reachable", "[registry][regression]") {
+TEST_CASE("registry: a name reused by a new row in the same sync stays reachable",
+          "[registry][regression]") {
     Registry reg;
     reg.sync({row(1, "x", State::active, 1000, 1)}, kAll);
     auto ev = reg.sync({row(2, "x", State::queued, 2000, 0)}, kAll);
-    CHECK(describe(ev) == std::vector<std::string>{"added 2 x queued queued", "removed 1 x active active"});
+    CHECK(describe(ev) ==
+          std::vector<std::string>{"added 2 x queued queued", "removed 1 x active active"});
     REQUIRE(reg.by_id(2));
     auto by_name = reg.by_name("x");
     CHECK(by_name.has_value());
@@ -234,7 +240,8 @@ TEST_CASE("registry: a name reused by a new row in the same sync stays reachable
 // unconditional `names_.erase(old.name)` on a rename): when two
 // rows swap names in one sync, the second rename erases the entry the first one just wrote, so
 // one of the two names is no longer found by by_name.
-TEST_CASE("registry: two rows swapping names in one sync are both reachable", "[registry][regression]") {
+TEST_CASE("registry: two rows swapping names in one sync are both reachable",
+          "[registry][regression]") {
     Registry reg;
     reg.sync({row(1, "x"), row(2, "y")}, kAll);
     reg.sync({row(1, "y", State::queued, 2000), row(2, "x", State::queued, 2000)}, kAll);

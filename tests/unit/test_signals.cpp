@@ -17,14 +17,18 @@ using imagefs::should_abort_wait;
 
 namespace {
 
-uint64_t bit(int sig) { return uint64_t{1} << (sig - 1); }
+uint64_t bit(int sig) {
+    return uint64_t{1} << (sig - 1);
+}
 
 // A /proc/PID/status as Linux 6.1 writes it, with the two pending masks given.
 std::string status_text(const std::string& sigpnd, const std::string& shdpnd,
                         const std::string& state = "S (sleeping)") {
     return "Name:\tqemu-system-x86\n"
            "Umask:\t0022\n"
-           "State:\t" + state + "\n"
+           "State:\t" +
+           state +
+           "\n"
            "Tgid:\t4242\n"
            "Ngid:\t0\n"
            "Pid:\t4243\n"
@@ -38,8 +42,12 @@ std::string status_text(const std::string& sigpnd, const std::string& shdpnd,
            "VmRSS:\t   65432 kB\n"
            "Threads:\t3\n"
            "SigQ:\t1/63412\n"
-           "SigPnd:\t" + sigpnd + "\n"
-           "ShdPnd:\t" + shdpnd + "\n"
+           "SigPnd:\t" +
+           sigpnd +
+           "\n"
+           "ShdPnd:\t" +
+           shdpnd +
+           "\n"
            "SigBlk:\tfffffffe7ffbfeff\n"
            "SigIgn:\t0000000000001000\n"
            "SigCgt:\t0000000180004a02\n"
@@ -69,19 +77,22 @@ TEST_CASE("signals: parse_pending_signals reads SigPnd and ShdPnd", "[signals]")
     CHECK(p.thread == 0x100);
     CHECK(p.process == 0x4002);
 
-    PendingSignals none = parse_pending_signals(status_text("0000000000000000", "0000000000000000"));
+    PendingSignals none =
+        parse_pending_signals(status_text("0000000000000000", "0000000000000000"));
     CHECK(none.thread == 0);
     CHECK(none.process == 0);
 
     // Full 64-bit masks (real-time signals set).
-    PendingSignals high = parse_pending_signals(status_text("8000000000000001", "ffffffffffffffff"));
+    PendingSignals high =
+        parse_pending_signals(status_text("8000000000000001", "ffffffffffffffff"));
     CHECK(high.thread == 0x8000000000000001ULL);
     CHECK(high.process == 0xffffffffffffffffULL);
 
     // SigBlk/SigIgn/SigCgt are not mistaken for the pending masks.
     CHECK(parse_pending_signals("SigBlk:\tffffffffffffffff\nSigIgn:\t1\n").thread == 0);
     // Missing lines read as empty sets; a key in the middle of a line is not a field.
-    PendingSignals partial = parse_pending_signals("Name:\tx\nXSigPnd:\tff\nShdPnd:\t  0000000000000004\n");
+    PendingSignals partial =
+        parse_pending_signals("Name:\tx\nXSigPnd:\tff\nShdPnd:\t  0000000000000004\n");
     CHECK(partial.thread == 0);
     CHECK(partial.process == 4);
     CHECK(parse_pending_signals("").thread == 0);

@@ -4,16 +4,16 @@
 #include "import/source.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::Errc;
 using imagefs::parse_source;
 using imagefs::SourceKind;
 using unit::error_from;
-using Catch::Matchers::Contains;
 
 namespace {
 
 class CollectSink : public imagefs::ByteSink {
-public:
+  public:
     void begin(std::optional<int64_t> size) override {
         ++begins;
         announced = size;

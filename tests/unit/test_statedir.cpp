@@ -5,11 +5,11 @@
 #include "core/statedir.hpp"
 #include "support.hpp"
 
+using Catch::Matchers::Contains;
 using imagefs::DaemonLock;
 using imagefs::Errc;
 using imagefs::StateDir;
 using unit::error_from;
-using Catch::Matchers::Contains;
 
 TEST_CASE("statedir: layout and creation", "[statedir]") {
     unit::TempDir t;
@@ -41,7 +41,8 @@ TEST_CASE("statedir: layout and creation", "[statedir]") {
     CHECK(notdir->code() == Errc::not_found);
 }
 
-TEST_CASE("statedir: a second DaemonLock is refused with busy naming the holder's pid", "[statedir]") {
+TEST_CASE("statedir: a second DaemonLock is refused with busy naming the holder's pid",
+          "[statedir]") {
     unit::TempDir t;
     StateDir d(t.path(), true);
     CHECK_FALSE(imagefs::daemon_running(d));  // no lock file yet
@@ -67,7 +68,8 @@ TEST_CASE("statedir: a second DaemonLock is refused with busy naming the holder'
     CHECK(imagefs::daemon_running(d));
 }
 
-TEST_CASE("statedir: the lock is held across fork and released when the holder exits", "[statedir]") {
+TEST_CASE("statedir: the lock is held across fork and released when the holder exits",
+          "[statedir]") {
     unit::TempDir t;
     StateDir d(t.path(), true);
     int pipefd[2];
