@@ -112,6 +112,7 @@ int run(const DaemonOptions& o) {
     fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
     fuse_session* se = fuse_session_new(&args, &ImageFs::ops(), sizeof(fuse_lowlevel_ops), &fsimpl);
+    fuse_opt_free_args(&args);  // libfuse may have reallocated them
     if (!se) throw Error(Errc::invalid_argument, "cannot create the FUSE session (see above)");
     std::unique_ptr<fuse_session, void (*)(fuse_session*)> se_guard(se, fuse_session_destroy);
     if (fuse_set_signal_handlers(se) != 0) throw Error(Errc::io, "cannot install signal handlers");

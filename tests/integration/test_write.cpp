@@ -129,7 +129,7 @@ TEST_CASE("a writer killed halfway leaves a failed image that is never served", 
     CHECK(state_of(env.state, "half.img").empty());
 }
 
-TEST_CASE("active images are immutable; cp --remove-destination replaces them", "[write]") {
+TEST_CASE("active images are immutable and cp --remove-destination replaces them", "[write]") {
     WEnv env;
     REQUIRE(run({"cp", di_kernel(), env.path("img")}).status == 0);
     REQUIRE(wait_state(env.state, "img", "active"));
@@ -147,7 +147,7 @@ TEST_CASE("active images are immutable; cp --remove-destination replaces them", 
     CHECK(sha256_of(env.path("img")) == sha256_of(di_initrd()));
 }
 
-TEST_CASE("rsync -a in, twice: temporary names vanish and the second run transfers nothing",
+TEST_CASE("rsync -a in twice: temporary names vanish and the second run transfers nothing",
           "[write][rsync]") {
     WEnv env;
     TempDir src;
@@ -202,7 +202,7 @@ TEST_CASE("rsync -aX carries user xattrs", "[write][rsync]") {
     CHECK(xattr(env.path("linux"), "user.origin") == "debian");
 }
 
-TEST_CASE("rename replaces atomically; readers of the old image keep their bytes", "[write]") {
+TEST_CASE("rename replaces atomically and readers of the old image keep their bytes", "[write]") {
     WEnv env;
     REQUIRE(run({"cp", di_kernel(), env.path("a")}).status == 0);
     REQUIRE(run({"cp", di_initrd(), env.path("b")}).status == 0);
@@ -243,7 +243,7 @@ TEST_CASE("an image removed while it is read keeps serving its reader", "[write]
     CHECK(listing(env.state + "/images").empty());
 }
 
-TEST_CASE("removing an image that is being imported cancels it; waiters get ENOENT", "[write]") {
+TEST_CASE("removing an image that is being imported cancels it and waiters get ENOENT", "[write]") {
     TempDir t;
     std::string www = t / "www";
     ::mkdir(www.c_str(), 0755);
@@ -266,7 +266,7 @@ TEST_CASE("removing an image that is being imported cancels it; waiters get ENOE
     CHECK(run({"ls", "-A", state + "/staging"}).out.empty());
 }
 
-TEST_CASE("a sparse 5 GiB image: markers past 2^31 and 2^32, holes kept, du right",
+TEST_CASE("a sparse 5 GiB image with markers past 2^31 and 2^32 keeps its holes and du is right",
           "[write][large]") {
     WEnv env;
     TempDir src;
