@@ -199,15 +199,20 @@ class Launcher {
     int fd_ = -1;
 };
 
-// A mountpoint left behind by a daemon that died answers ENOTCONN: detach it so we can mount again.
+// A mountpoint left behind by a daemon that died answers ENOTCONN: detach it (and any dead mounts
+// stacked under it) so we can mount again. statfs, unlike stat, is never answered from the
+// kernel's attribute cache, so it sees a connection that died a moment ago.
 void clear_dead_mount(const std::string& mnt) {
-    struct stat st {};
-    if (::stat(mnt.c_str(), &st) == 0) return;
-    if (errno != ENOTCONN && errno != ECONNABORTED) return;
-    spdlog::warn("{} is a dead FUSE mount (transport endpoint not connected); detaching it", mnt);
-    if (::umount2(mnt.c_str(), MNT_DETACH) != 0)
-        throw Error(Errc::busy, "cannot detach the dead mount at " + mnt + ": " +
-                                    errno_text(errno) + " (run 'fusermount3 -uz " + mnt + "')");
+    for (int i = 0; i < 16; ++i) {
+        struct statfs sf {};
+        if (::statfs(mnt.c_str(), &sf) == 0) return;
+        if (errno != ENOTCONN && errno != ECONNABORTED) return;
+        spdlog::warn("{} is a dead FUSE mount (transport endpoint not connected); detaching it",
+                     mnt);
+        if (::umount2(mnt.c_str(), MNT_DETACH) != 0)
+            throw Error(Errc::busy, "cannot detach the dead mount at " + mnt + ": " +
+                                        errno_text(errno) + " (run 'fusermount3 -uz " + mnt + "')");
+    }
 }
 
 // Returns 0 once the kernel has the mount answered by this daemon (INIT, GETATTR and STATFS of
