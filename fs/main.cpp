@@ -359,6 +359,7 @@ int run(DaemonOptions o) {
     int rc = fuse_session_loop_mt(se, cfg);
     fuse_loop_cfg_destroy(cfg);
     sd_notify(0, "STOPPING=1");
+    lock.mark_stopping();  // a daemon started now waits for this one to finish
     spdlog::info("stopping: unmounting {}", o.mountpoint);
 
     manager.stop();
