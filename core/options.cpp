@@ -148,9 +148,10 @@ Without -f, imagefsd returns once the mount answers (exit 0) or fails (exit 1).
      publish_delay_ms=MS  after the last writer closes a file written into the mount, wait
                           MS (default 500) for it to be opened again before verifying it
      ro                   refuse writes into the mount (EROFS); imports still run
+     rw                   take writes into the mount (the default)
      allow_other          let users other than root use the mount
-     (rw, ro and the options of mount(8), fstab and systemd such as defaults, noauto,
-      nofail, _netdev and x-systemd.* are accepted and ignored; others go to libfuse)
+     (options of mount(8), fstab and systemd such as defaults, noauto, nofail, _netdev and
+      x-systemd.* are accepted and ignored; others go to libfuse)
   -h, --help            show this help
   -V, --version         show the version
 
