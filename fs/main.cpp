@@ -56,9 +56,13 @@ class Logging {
   public:
     explicit Logging(const DaemonOptions& o)
         : file_(o.log_file), sinks_(std::make_shared<spdlog::sinks::dist_sink_mt>()) {
-        if (file_.empty())
-            sinks_->set_sinks({std::make_shared<spdlog::sinks::stderr_sink_mt>()});
-        else
+        if (file_.empty()) {
+            // Without -f, stderr is the caller's (mount(8), a boot log): say only what went
+            // wrong there; the rest goes to syslog once detached.
+            auto err = std::make_shared<spdlog::sinks::stderr_sink_mt>();
+            if (!o.foreground) err->set_level(spdlog::level::warn);
+            sinks_->set_sinks({err});
+        } else
             sinks_->set_sinks({std::make_shared<spdlog::sinks::basic_file_sink_mt>(file_)});
         auto logger = std::make_shared<spdlog::logger>("imagefsd", sinks_);
         logger->set_level(spdlog::level::from_str(o.log_level));
