@@ -134,8 +134,9 @@ std::string daemon_usage() {
 
 Serve the images cataloged in STATE_DIR as files under MOUNTPOINT.
 Opening an image that is not yet imported and verified waits until it is.
+Without -f, imagefsd returns once the mount answers (exit 0) or fails (exit 1).
 
-  -f                    stay in the foreground, log to stderr
+  -f                    stay in the foreground, log to stderr (for systemd Type=notify)
   -d                    foreground with libfuse request tracing
   -o OPTIONS            comma-separated mount options:
      open=wait|eagain     blocking opens of images that are not active wait (default)
@@ -144,16 +145,19 @@ Opening an image that is not yet imported and verified waits until it is.
      log_level=LEVEL      trace, debug, info (default), warn, error, critical, off
      log_file=PATH        log to PATH (reopened on SIGHUP) instead of stderr/syslog
      max_imports=N        imports running at once (default 4)
-     connect_timeout=SECS HTTP connect timeout (default 30)
+     connect_timeout=SECS  HTTP connect timeout (default 30)
      stall_timeout=SECS   fail an HTTP import that receives nothing for SECS (default 120)
      publish_delay_ms=MS  after the last writer closes a file written into the mount, wait
                           MS (default 500) for it to be opened again before verifying it
      ro                   refuse writes into the mount (EROFS); imports still run
+     rw                   take writes into the mount (the default)
      allow_other          let users other than root use the mount
      (options of mount(8), fstab and systemd such as defaults, noauto, nofail, _netdev and
       x-systemd.* are accepted and ignored; others go to libfuse)
   -h, --help            show this help
   -V, --version         show the version
+
+SIGTERM and SIGINT unmount and stop; SIGHUP reopens the log file. See imagefsd(8).
 )";
 }
 

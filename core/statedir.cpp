@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "core/error.hpp"
 
@@ -52,17 +53,23 @@ std::string read_pid(int fd) {
 }
 }  // namespace
 
-DaemonLock::DaemonLock(const StateDir& dir) {
+DaemonLock::DaemonLock(const StateDir& dir, std::chrono::milliseconds wait_for_stopping) {
     fd_ = ::open(dir.lock_path().c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0) throw_errno("cannot open " + dir.lock_path().string(), errno);
-    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    auto give_up = std::chrono::steady_clock::now() + wait_for_stopping;
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
         int err = errno;
-        std::string pid = read_pid(fd_);
+        std::string holder = read_pid(fd_);
+        bool stopping = holder.size() > 9 && holder.substr(holder.size() - 9) == " stopping";
+        if (err == EWOULDBLOCK && stopping && std::chrono::steady_clock::now() < give_up) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            continue;
+        }
         ::close(fd_);
         fd_ = -1;
         if (err == EWOULDBLOCK)
             throw Error(Errc::busy, "state directory " + dir.root().string() +
-                                        " is already served by imagefsd (pid " + pid +
+                                        " is already served by imagefsd (pid " + holder +
                                         "); unmount it first, or use another state directory");
         throw_errno("cannot lock " + dir.lock_path().string(), err);
     }
@@ -74,10 +81,18 @@ DaemonLock::~DaemonLock() {
 }
 
 void DaemonLock::write_pid() {
-    std::string s = std::to_string(::getpid()) + "\n";
-    if (::ftruncate(fd_, 0) != 0 ||
-        ::pwrite(fd_, s.data(), s.size(), 0) != static_cast<ssize_t>(s.size()))
+    if (!write_state(std::to_string(::getpid()) + "\n"))
         throw_errno("cannot write pid to lock file", errno);
+}
+
+void DaemonLock::mark_stopping() {
+    write_state(std::to_string(::getpid()) + " stopping\n");
+}
+
+// Overwrites, then trims: a reader never sees an empty file.
+bool DaemonLock::write_state(const std::string& s) {
+    return ::pwrite(fd_, s.data(), s.size(), 0) == static_cast<ssize_t>(s.size()) &&
+           ::ftruncate(fd_, static_cast<off_t>(s.size())) == 0;
 }
 
 bool daemon_running(const StateDir& dir) {

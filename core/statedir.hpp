@@ -1,12 +1,14 @@
 // Layout of a state directory:
 //   STATE_DIR/catalog.db        the SQLite catalog (WAL: also -wal and -shm)
-//   STATE_DIR/imagefsd.lock     flock()ed by the one daemon serving this dir; holds its pid
+//   STATE_DIR/imagefsd.lock     flock()ed by the one daemon serving this dir; holds its pid, and
+//                               "PID stopping" once that daemon is shutting down
 //   STATE_DIR/wakeup            written by the CLI after a catalog change; the daemon watches it
 //   STATE_DIR/images/ID.img     published, verified image data (ID = catalog row id)
 //   STATE_DIR/staging/ID.part   data of an import in progress; never served
 #pragma once
 
 #include <boost/filesystem.hpp>
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -33,18 +35,24 @@ class StateDir {
     fs::path root_;
 };
 
+// A daemon that finds the lock held by one that is stopping (after `umount`, which returns before
+// the old daemon has exited) waits up to `wait_for_stopping` for it, so `umount; mount` works.
 // The daemon's exclusive claim on a state dir (flock on imagefsd.lock, released at exit even on
 // SIGKILL). Throws Error(busy) naming the pid of the daemon that holds it.
 class DaemonLock {
   public:
-    explicit DaemonLock(const StateDir& dir);
+    explicit DaemonLock(const StateDir& dir,
+                        std::chrono::milliseconds wait_for_stopping = std::chrono::seconds(10));
     ~DaemonLock();
     DaemonLock(const DaemonLock&) = delete;
     DaemonLock& operator=(const DaemonLock&) = delete;
     // Rewrites the pid (after fork()).
     void write_pid();
+    // Marks the lock as held by a daemon that is shutting down (best effort, never throws).
+    void mark_stopping();
 
   private:
+    bool write_state(const std::string& s);
     int fd_ = -1;
 };
 

@@ -2,6 +2,10 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <chrono>
+#include <memory>
+#include <thread>
+
 #include "core/statedir.hpp"
 #include "support.hpp"
 
@@ -126,4 +130,44 @@ TEST_CASE("statedir: poke_daemon writes the wakeup file only when a daemon runs"
     DaemonLock lock(d);
     CHECK(imagefs::poke_daemon(d));
     CHECK(unit::read_file(d.wakeup_path()) == "1");
+}
+
+TEST_CASE("statedir: a DaemonLock waits for a holder that is stopping, and only for one",
+          "[statedir]") {
+    using namespace std::chrono_literals;
+    using Clock = std::chrono::steady_clock;
+    unit::TempDir t;
+    StateDir d(t.path(), true);
+    auto first = std::make_unique<DaemonLock>(d);
+
+    // A holder that is serving: refused at once, whatever the wait allowed.
+    auto t0 = Clock::now();
+    auto e = error_from([&] { DaemonLock second(d, 5s); });
+    REQUIRE(e);
+    CHECK(e->code() == Errc::busy);
+    CHECK(Clock::now() - t0 < 1s);
+
+    // A holder that is stopping (after umount): waited for.
+    first->mark_stopping();
+    CHECK(unit::read_file(d.lock_path()) == std::to_string(::getpid()) + " stopping\n");
+    std::thread releaser([&] {
+        std::this_thread::sleep_for(300ms);
+        first.reset();
+    });
+    t0 = Clock::now();
+    {
+        DaemonLock second(d, 5s);
+        CHECK(Clock::now() - t0 >= 250ms);
+        CHECK(unit::read_file(d.lock_path()) == std::to_string(::getpid()) + "\n");
+        releaser.join();
+
+        // A holder that stays stopping longer than the wait allowed: refused after the wait.
+        second.mark_stopping();
+        t0 = Clock::now();
+        e = error_from([&] { DaemonLock third(d, 200ms); });
+        REQUIRE(e);
+        CHECK(e->code() == Errc::busy);
+        CHECK(Clock::now() - t0 >= 200ms);
+        CHECK_THAT(std::string(e->what()), Contains("stopping"));
+    }
 }
