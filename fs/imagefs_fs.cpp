@@ -710,7 +710,7 @@ void ImageFs::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off) {
         if (room) {
             for (const auto& r : registry_.snapshot()) {
                 off_t next = static_cast<off_t>(r.id) + 2;
-                if (next <= off) continue;
+                if (next <= off || !shown_in_listing(r, opts_.list_mode)) continue;
                 if (!add(r.name.c_str(), inode_of(r.id), S_IFREG, next)) break;
             }
         }

@@ -2,8 +2,9 @@
 //
 // Specification
 // - The root directory lists every image in the catalog as a regular file, named as in the
-//   catalog. Inode numbers are catalog row ids + 1 (the root is 1); ids are never reused, so an
-//   inode number always means the same bytes. Lookup counts are honoured: an image removed while
+//   catalog (with -o list=active only the active ones; lookups by name find every image).
+//   Inode numbers are catalog row ids + 1 (the root is 1); ids are never reused, so an inode
+//   number always means the same bytes. Lookup counts are honoured: an image removed while
 //   the kernel still knows its inode stays answerable for getattr until the last forget.
 // - stat/ls never wait. st_size is the final size of an active image, the bytes written so far for
 //   an upload, else the expected size when known, else 0. xattrs user.imagefs.* describe the image.
