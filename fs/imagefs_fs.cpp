@@ -14,6 +14,7 @@
 
 #include "core/names.hpp"
 #include "core/signals.hpp"
+#include "fs/compat.hpp"
 #include "fs/errno_map.hpp"
 #include "import/digest.hpp"
 
@@ -505,7 +506,7 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
             // Writers may only join an upload in progress; everything else is immutable.
             pid_t process = thread_group_of(fuse_req_ctx(req)->pid);
             auto up = attach_writer(row->id, process);
-            if (!up) fail_errno(EPERM);
+            if (!up) fail_errno(compat::kImageWriteErrno);
             if (fi->flags & O_TRUNC) up->truncate(0);
             fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, true, process});
             fi->keep_cache = 0;
@@ -728,6 +729,7 @@ void ImageFs::statfs(fuse_req_t req) {
 void ImageFs::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
     reply_guarded(req, "getxattr", [&] {
         std::string_view n(name);
+        if (compat::xattr_unsupported(n)) fail_errno(ENOTSUP);
         if (ino == FUSE_ROOT_ID) fail_errno(ENODATA);
         ImageRow row = require_image(ino);
         std::optional<std::string> value;

@@ -17,10 +17,12 @@
 //   from its writer. Its writers read and write it; everyone else waits as for any import. When the
 //   last writer closes it, it is hashed, verified and published like an HTTP import. A writer that
 //   was killed (or exited non-zero) before closing leaves the upload failed. Active images are
-//   immutable: opening one for writing or truncating it gets EPERM. rename() replaces atomically;
+//   immutable: opening one for writing gets EROFS (the one answer libvirt's locking open accepts,
+//   see fs/compat.hpp), truncating it EPERM. rename() replaces atomically;
 //   unlink() removes at once (open readers keep reading; space is freed at their last close).
 //   mode, owner and times can be set (rsync -a); user.* xattrs are stored; setting
-//   user.imagefs.sha256 on an upload makes it verified against that digest.
+//   user.imagefs.sha256 on an upload makes it verified against that digest. trusted.* xattrs get
+//   ENOTSUP, also from getxattr.
 // - Caching: active images never change, so they get day-long entry/attr timeouts and keep_cache;
 //   other images get attr timeout 0 and a 1 s entry timeout. Every state change invalidates the
 //   inode in the kernel before waiting opens are answered, so the final size shows at once.
