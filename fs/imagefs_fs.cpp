@@ -85,6 +85,12 @@ void reply_buffer(fuse_req_t req, const std::string& value, size_t size) {
         fuse_reply_buf(req, value.data(), value.size());
 }
 
+// True when a setattr would give the file of `row` another owner or group.
+bool changes_owner(const ImageRow& row, const struct stat* attr, int to_set) {
+    return ((to_set & FUSE_SET_ATTR_UID) && static_cast<int64_t>(attr->st_uid) != row.uid) ||
+           ((to_set & FUSE_SET_ATTR_GID) && static_cast<int64_t>(attr->st_gid) != row.gid);
+}
+
 }  // namespace
 
 ImageFs::ImageFs(const StateDir& dir, const DaemonOptions& opts)
@@ -466,6 +472,10 @@ void ImageFs::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_
     reply_guarded(req, "setattr", [&] {
         if (ino == FUSE_ROOT_ID) return set_root_attr(req, attr, to_set);
         ImageRow row = require_image(ino);
+        // Only the writer's own files (uploads in progress) change owner: libvirt chowns every
+        // image a domain uses to its qemu user and never gives read-only ones back.
+        if (changes_owner(row, attr, to_set) && !upload_of(row.id))
+            fail_errno(compat::kImageOwnershipErrno);
         if (to_set & FUSE_SET_ATTR_SIZE) {
             // Only an upload in progress can change size; active images are immutable.
             auto up = upload_of(row.id);

@@ -20,7 +20,8 @@
 //   immutable: opening one for writing gets EROFS (the one answer libvirt's locking open accepts,
 //   see fs/compat.hpp), truncating it EPERM. rename() replaces atomically;
 //   unlink() removes at once (open readers keep reading; space is freed at their last close).
-//   mode, owner and times can be set (rsync -a); user.* xattrs are stored; setting
+//   mode and times can be set (rsync -a), the owner only while the file is being written (an
+//   image keeps its owner: fs/compat.hpp); user.* xattrs are stored; setting
 //   user.imagefs.sha256 on an upload makes it verified against that digest. trusted.* xattrs get
 //   ENOTSUP, also from getxattr.
 // - Caching: active images never change, so they get day-long entry/attr timeouts and keep_cache;

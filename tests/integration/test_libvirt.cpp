@@ -741,3 +741,43 @@ TEST_CASE(
     CHECK(disk_open);
     check_untouched(h, "disk.qcow2", sha);
 }
+
+TEST_CASE("compat: images answer libvirt's locking open, chown and trusted.* calls as it needs",
+          "[libvirt][compat]") {
+    Host h;
+    h.mount_with("");
+    h.import_active("linux", di_kernel());
+    const std::string img = h.path("linux");
+
+    // Opening for writing: EROFS, the one errno libvirt's metadata lock goes on with.
+    errno = 0;
+    CHECK(::open(img.c_str(), O_RDWR) == -1);
+    CHECK(errno == EROFS);
+    // chown to another owner: EPERM (libvirt goes on); to the same owner: a no-op that succeeds.
+    CHECK(::chown(img.c_str(), 999, 999) == -1);
+    CHECK(errno == EPERM);
+    CHECK(::chown(img.c_str(), 0, 0) == 0);
+    // trusted.*: not supported, for reading as for writing, so remember_owner records nothing.
+    errno = 0;
+    CHECK(::getxattr(img.c_str(), "trusted.libvirt.security.ref_dac", nullptr, 0) == -1);
+    CHECK(errno == ENOTSUP);
+    errno = 0;
+    CHECK(::setxattr(img.c_str(), "trusted.libvirt.security.dac", "+0:+0", 5, 0) == -1);
+    CHECK(errno == ENOTSUP);
+    struct stat st {};
+    REQUIRE(::stat(img.c_str(), &st) == 0);
+    CHECK(st.st_uid == 0);
+    CHECK(st.st_gid == 0);
+
+    // A file being written into the mount is its writer's: its owner can still be set.
+    int fd = ::open(h.path("upload.img").c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    REQUIRE(fd >= 0);
+    REQUIRE(::write(fd, "data", 4) == 4);
+    CHECK(::fchown(fd, 1234, 1234) == 0);
+    ::close(fd);
+    REQUIRE(wait_state(h.state, "upload.img", "active"));
+    REQUIRE(::stat(h.path("upload.img").c_str(), &st) == 0);
+    CHECK(st.st_uid == 1234);
+    CHECK(::chown(h.path("upload.img").c_str(), 0, 0) == -1);
+    CHECK(errno == EPERM);
+}
