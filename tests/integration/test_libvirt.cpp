@@ -153,7 +153,7 @@ void ensure_qemu_account() {
 // a minute per `virsh create`). Grant access the way Debian does (group kvm, mode 0660) for the
 // life of the fixture, and put the device back as it was afterwards.
 class KvmAccess {
-public:
+  public:
     KvmAccess() {
         struct stat st {};
         if (::stat("/dev/kvm", &st) != 0) return;
@@ -175,14 +175,14 @@ public:
     KvmAccess(const KvmAccess&) = delete;
     KvmAccess& operator=(const KvmAccess&) = delete;
 
-private:
+  private:
     std::optional<struct stat> old_;
 };
 
 // A libvirtd of our own (qemu:///system on a private socket), with the default qemu.conf settings:
 // dynamic_ownership = 1, remember_owner = 1, qemu as libvirt-qemu.
 class Libvirtd {
-public:
+  public:
     Libvirtd() {
         ensure_qemu_account();
         kvm_ = std::make_unique<KvmAccess>();
@@ -282,7 +282,7 @@ public:
         return {field("Capacity"), field("Allocation")};
     }
 
-private:
+  private:
     TempDir dir_;
     std::string uri_;
     std::unique_ptr<KvmAccess> kvm_;
