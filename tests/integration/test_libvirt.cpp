@@ -781,3 +781,20 @@ TEST_CASE("compat: images answer libvirt's locking open, chown and trusted.* cal
     CHECK(::chown(h.path("upload.img").c_str(), 0, 0) == -1);
     CHECK(errno == EPERM);
 }
+
+TEST_CASE("compat: with -o ro the kernel answers libvirt's locking open and chown with EROFS",
+          "[libvirt][compat]") {
+    Host h;
+    h.mount_with("ro");
+    h.import_active("linux", di_kernel());
+    const std::string img = h.path("linux");
+    errno = 0;
+    CHECK(::open(img.c_str(), O_RDWR) == -1);
+    CHECK(errno == EROFS);
+    errno = 0;
+    CHECK(::chown(img.c_str(), 999, 999) == -1);
+    CHECK(errno == EROFS);
+    errno = 0;
+    CHECK(::getxattr(img.c_str(), "trusted.libvirt.security.ref_dac", nullptr, 0) == -1);
+    CHECK(errno == ENOTSUP);
+}
