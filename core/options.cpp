@@ -30,6 +30,14 @@ void apply_option(DaemonOptions& o, const std::string& opt) {
         else
             throw Error(Errc::invalid_argument,
                         "invalid value for -o open: '" + value + "' (expected wait or eagain)");
+    } else if (key == "list") {
+        if (value == "all")
+            o.list_mode = ListMode::all;
+        else if (value == "active")
+            o.list_mode = ListMode::active;
+        else
+            throw Error(Errc::invalid_argument,
+                        "invalid value for -o list: '" + value + "' (expected all or active)");
     } else if (key == "open_timeout") {
         o.open_timeout_s = static_cast<int>(parse_number(key, value, 0, 86400 * 365));
     } else if (key == "log_level") {
@@ -141,6 +149,8 @@ Without -f, imagefsd returns once the mount answers (exit 0) or fails (exit 1).
   -o OPTIONS            comma-separated mount options:
      open=wait|eagain     blocking opens of images that are not active wait (default)
                           or fail at once with EAGAIN
+     list=all|active      directory listings show every image (default) or only active
+                          ones (for libvirt dir pools); lookups by name find every image
      open_timeout=SECS    end a waiting open after SECS with ETIMEDOUT (0: no limit, default)
      log_level=LEVEL      trace, debug, info (default), warn, error, critical, off
      log_file=PATH        log to PATH (reopened on SIGHUP) instead of stderr/syslog

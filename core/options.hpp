@@ -10,6 +10,11 @@ namespace imagefs {
 
 enum class OpenMode { wait, eagain };
 
+// What readdir of the mount shows: every image in the catalog (default), or only active ones
+// (-o list=active, for libvirt `dir` pools: see docs/libvirt.md). Lookups by name, stat and open
+// behave the same in both modes.
+enum class ListMode { all, active };
+
 struct DaemonOptions {
     bool foreground = false;
     bool debug = false;  // libfuse request tracing; implies foreground
@@ -18,6 +23,7 @@ struct DaemonOptions {
     std::string state_dir;
     std::string mountpoint;
     OpenMode open_mode = OpenMode::wait;
+    ListMode list_mode = ListMode::all;
     int open_timeout_s = 0;  // 0: wait until the import ends
     std::string log_level = "info";
     std::string log_file;  // empty: stderr in the foreground, syslog otherwise

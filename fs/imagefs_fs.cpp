@@ -14,6 +14,7 @@
 
 #include "core/names.hpp"
 #include "core/signals.hpp"
+#include "fs/compat.hpp"
 #include "fs/errno_map.hpp"
 #include "import/digest.hpp"
 
@@ -82,6 +83,12 @@ void reply_buffer(fuse_req_t req, const std::string& value, size_t size) {
         fuse_reply_err(req, ERANGE);
     else
         fuse_reply_buf(req, value.data(), value.size());
+}
+
+// True when a setattr would give the file of `row` another owner or group.
+bool changes_owner(const ImageRow& row, const struct stat* attr, int to_set) {
+    return ((to_set & FUSE_SET_ATTR_UID) && static_cast<int64_t>(attr->st_uid) != row.uid) ||
+           ((to_set & FUSE_SET_ATTR_GID) && static_cast<int64_t>(attr->st_gid) != row.gid);
 }
 
 }  // namespace
@@ -465,6 +472,10 @@ void ImageFs::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_
     reply_guarded(req, "setattr", [&] {
         if (ino == FUSE_ROOT_ID) return set_root_attr(req, attr, to_set);
         ImageRow row = require_image(ino);
+        // Only the writer's own files (uploads in progress) change owner: libvirt chowns every
+        // image a domain uses to its qemu user and never gives read-only ones back.
+        if (changes_owner(row, attr, to_set) && !upload_of(row.id))
+            fail_errno(compat::kImageOwnershipErrno);
         if (to_set & FUSE_SET_ATTR_SIZE) {
             // Only an upload in progress can change size; active images are immutable.
             auto up = upload_of(row.id);
@@ -505,7 +516,7 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
             // Writers may only join an upload in progress; everything else is immutable.
             pid_t process = thread_group_of(fuse_req_ctx(req)->pid);
             auto up = attach_writer(row->id, process);
-            if (!up) fail_errno(EPERM);
+            if (!up) fail_errno(compat::kImageWriteErrno);
             if (fi->flags & O_TRUNC) up->truncate(0);
             fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, true, process});
             fi->keep_cache = 0;
@@ -710,7 +721,7 @@ void ImageFs::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off) {
         if (room) {
             for (const auto& r : registry_.snapshot()) {
                 off_t next = static_cast<off_t>(r.id) + 2;
-                if (next <= off) continue;
+                if (next <= off || !shown_in_listing(r, opts_.list_mode)) continue;
                 if (!add(r.name.c_str(), inode_of(r.id), S_IFREG, next)) break;
             }
         }
@@ -728,6 +739,7 @@ void ImageFs::statfs(fuse_req_t req) {
 void ImageFs::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
     reply_guarded(req, "getxattr", [&] {
         std::string_view n(name);
+        if (compat::xattr_unsupported(n)) fail_errno(ENOTSUP);
         if (ino == FUSE_ROOT_ID) fail_errno(ENODATA);
         ImageRow row = require_image(ino);
         std::optional<std::string> value;

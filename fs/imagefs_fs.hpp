@@ -2,8 +2,9 @@
 //
 // Specification
 // - The root directory lists every image in the catalog as a regular file, named as in the
-//   catalog. Inode numbers are catalog row ids + 1 (the root is 1); ids are never reused, so an
-//   inode number always means the same bytes. Lookup counts are honoured: an image removed while
+//   catalog (with -o list=active only the active ones; lookups by name find every image).
+//   Inode numbers are catalog row ids + 1 (the root is 1); ids are never reused, so an inode
+//   number always means the same bytes. Lookup counts are honoured: an image removed while
 //   the kernel still knows its inode stays answerable for getattr until the last forget.
 // - stat/ls never wait. st_size is the final size of an active image, the bytes written so far for
 //   an upload, else the expected size when known, else 0. xattrs user.imagefs.* describe the image.
@@ -16,10 +17,13 @@
 //   from its writer. Its writers read and write it; everyone else waits as for any import. When the
 //   last writer closes it, it is hashed, verified and published like an HTTP import. A writer that
 //   was killed (or exited non-zero) before closing leaves the upload failed. Active images are
-//   immutable: opening one for writing or truncating it gets EPERM. rename() replaces atomically;
+//   immutable: opening one for writing gets EROFS (the one answer libvirt's locking open accepts,
+//   see fs/compat.hpp), truncating it EPERM. rename() replaces atomically;
 //   unlink() removes at once (open readers keep reading; space is freed at their last close).
-//   mode, owner and times can be set (rsync -a); user.* xattrs are stored; setting
-//   user.imagefs.sha256 on an upload makes it verified against that digest.
+//   mode and times can be set (rsync -a), the owner only while the file is being written (an
+//   image keeps its owner: fs/compat.hpp); user.* xattrs are stored; setting
+//   user.imagefs.sha256 on an upload makes it verified against that digest. trusted.* xattrs get
+//   ENOTSUP, also from getxattr.
 // - Caching: active images never change, so they get day-long entry/attr timeouts and keep_cache;
 //   other images get attr timeout 0 and a 1 s entry timeout. Every state change invalidates the
 //   inode in the kernel before waiting opens are answered, so the final size shows at once.

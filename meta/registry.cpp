@@ -13,6 +13,10 @@ bool same(const ImageRow& a, const ImageRow& b) {
 
 }  // namespace
 
+bool shown_in_listing(const ImageRow& row, ListMode mode) {
+    return mode == ListMode::all || row.state == State::active;
+}
+
 void Registry::unname_locked(const std::string& name, int64_t id) {
     auto it = names_.find(name);
     if (it != names_.end() && it->second == id) names_.erase(it);

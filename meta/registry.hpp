@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/options.hpp"
 #include "meta/catalog.hpp"
 
 namespace imagefs {
@@ -24,6 +25,10 @@ struct RegistryEvent {
     ImageRow row;     // the new row (or the last one known, for removed)
     State old_state;  // for changed and removed
 };
+
+// Whether a directory listing of the mount shows `row` under `-o list=MODE`: every image with
+// list=all, only active ones with list=active. Lookups by name find every image either way.
+bool shown_in_listing(const ImageRow& row, ListMode mode);
 
 class Registry {
   public:

@@ -5,6 +5,7 @@
 using Catch::Matchers::Contains;
 using imagefs::DaemonOptions;
 using imagefs::Errc;
+using imagefs::ListMode;
 using imagefs::OpenMode;
 using imagefs::parse_daemon_args;
 using unit::error_from;
@@ -20,6 +21,7 @@ TEST_CASE("options: defaults with only the positional arguments", "[options]") {
     CHECK_FALSE(o.help);
     CHECK_FALSE(o.version);
     CHECK(o.open_mode == OpenMode::wait);
+    CHECK(o.list_mode == ListMode::all);
     CHECK(o.open_timeout_s == 0);
     CHECK(o.log_level == "info");
     CHECK(o.log_file.empty());
@@ -64,6 +66,20 @@ TEST_CASE("options: -f -d and option lists", "[options]") {
     CHECK(e.fuse_options.empty());
 }
 
+TEST_CASE("options: list=active and list=all choose what readdir shows", "[options]") {
+    CHECK(parse_daemon_args({"-o", "list=active", "/s", "/m"}).list_mode == ListMode::active);
+    CHECK(parse_daemon_args({"-o", "list=all", "/s", "/m"}).list_mode == ListMode::all);
+    // Later values win, and the option combines with others without reaching libfuse.
+    DaemonOptions o =
+        parse_daemon_args({"-o", "list=active,allow_other", "-o", "open=eagain", "/s", "/m"});
+    CHECK(o.list_mode == ListMode::active);
+    CHECK(o.open_mode == OpenMode::eagain);
+    CHECK(o.fuse_options == std::vector<std::string>{"allow_other"});
+    CHECK(parse_daemon_args({"-olist=active", "-o", "list=all", "/s", "/m"}).list_mode ==
+          ListMode::all);
+    CHECK_THAT(imagefs::daemon_usage(), Contains("list=all|active"));
+}
+
 TEST_CASE("options: bad option values are refused naming the option", "[options]") {
     struct Case {
         Args args;
@@ -72,6 +88,9 @@ TEST_CASE("options: bad option values are refused naming the option", "[options]
     const std::vector<Case> cases = {
         {{"-o", "open=sometimes", "/s", "/m"}, "-o open: 'sometimes'"},
         {{"-o", "open", "/s", "/m"}, "-o open"},
+        {{"-o", "list=pending", "/s", "/m"}, "-o list: 'pending' (expected all or active)"},
+        {{"-o", "list", "/s", "/m"}, "-o list: ''"},
+        {{"-o", "list=Active", "/s", "/m"}, "-o list: 'Active'"},
         {{"-o", "open_timeout=abc", "/s", "/m"}, "-o open_timeout: 'abc'"},
         {{"-o", "open_timeout=-1", "/s", "/m"}, "-o open_timeout: '-1'"},
         {{"-o", "open_timeout=5s", "/s", "/m"}, "-o open_timeout: '5s'"},

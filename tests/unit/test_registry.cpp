@@ -250,3 +250,16 @@ TEST_CASE("registry: two rows swapping names in one sync are both reachable",
     CHECK(reg.by_name("x")->id == 2);
     CHECK(reg.by_name("y")->id == 1);
 }
+
+TEST_CASE("registry: list=active shows only active images, list=all shows every one",
+          "[registry]") {
+    using imagefs::ListMode;
+    using imagefs::shown_in_listing;
+    for (State s : {State::queued, State::importing, State::verifying, State::failed}) {
+        INFO("state " << imagefs::to_string(s));
+        CHECK_FALSE(shown_in_listing(row(1, "a", s), ListMode::active));
+        CHECK(shown_in_listing(row(1, "a", s), ListMode::all));
+    }
+    CHECK(shown_in_listing(row(1, "a", State::active), ListMode::active));
+    CHECK(shown_in_listing(row(1, "a", State::active), ListMode::all));
+}
