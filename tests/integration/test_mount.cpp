@@ -528,7 +528,9 @@ TEST_CASE("mount: SIGTERM, SIGINT and umount stop the daemon cleanly mid-import"
         REQUIRE(::kill(pid, SIGTERM) == 0);
         auto s = opener.wait(10s);
         REQUIRE(s.has_value());
-        CHECK(*s == 100 + EIO);
+        // EIO from the daemon; ECONNABORTED from the kernel if the daemon had not yet read the
+        // request off /dev/fuse when it stopped (a busy machine).
+        CHECK((*s == 100 + EIO || *s == 100 + ECONNABORTED));
         require_clean_exit(pid, p);
     }
     SECTION("SIGINT: a waiting open fails with EIO") {
@@ -537,7 +539,7 @@ TEST_CASE("mount: SIGTERM, SIGINT and umount stop the daemon cleanly mid-import"
         REQUIRE(::kill(pid, SIGINT) == 0);
         auto s = opener.wait(10s);
         REQUIRE(s.has_value());
-        CHECK(*s == 100 + EIO);
+        CHECK((*s == 100 + EIO || *s == 100 + ECONNABORTED));
         require_clean_exit(pid, p);
     }
     SECTION("umount, and mount again at once") {
