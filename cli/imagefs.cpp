@@ -1,18 +1,25 @@
 // imagefs: the command line client. It writes the catalog directly (SQLite arbitrates between it
 // and the daemon) and pokes the daemon, which picks the change up through inotify.
+#include <arpa/inet.h>
+#include <netdb.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "core/error.hpp"
 #include "core/statedir.hpp"
+#include "import/allowlist.hpp"
 #include "import/digest.hpp"
 #include "import/source.hpp"
 #include "meta/catalog.hpp"
@@ -38,7 +45,14 @@ json to_json(const ImageRow& r) {
             {"format", opt(r.format)},
             {"virtual_size", opt(r.virtual_size)},
             {"attempts", r.attempts},
+            {"max_retries", r.retry_limit()},
             {"last_error", opt(r.last_error)},
+            {"next_attempt_at_ms", opt(r.next_attempt_at)},
+            {"resume_offset", r.resume_offset},
+            {"etag", opt(r.etag)},
+            {"last_modified", opt(r.last_modified)},
+            {"tls_ca", r.tls_ca.has_value()},
+            {"tls_insecure", r.tls_insecure},
             {"created_at_ms", r.created_at},
             {"updated_at_ms", r.updated_at},
             {"activated_at_ms", opt(r.activated_at)}};
@@ -62,6 +76,18 @@ std::string size_of(const ImageRow& r) {
     return "-";
 }
 
+// "in 4 s (at 12:00:04)" for a unix-ms time in the future, "due now" otherwise.
+std::string when(int64_t at_ms) {
+    int64_t left = at_ms - now_ms();
+    if (left <= 0) return "due now";
+    std::time_t t = static_cast<std::time_t>(at_ms / 1000);
+    char hm[16];
+    std::strftime(hm, sizeof hm, "%H:%M:%S", std::localtime(&t));
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "in %.1f s (at %s)", double(left) / 1000, hm);
+    return buf;
+}
+
 void print_status(const ImageRow& r) {
     auto line = [](const char* k, const std::string& v) {
         std::printf("%-16s %s\n", k, v.c_str());
@@ -79,8 +105,20 @@ void print_status(const ImageRow& r) {
     if (r.sha512) line("sha512:", *r.sha512);
     if (r.expected_sha256) line("expected sha256:", *r.expected_sha256);
     if (r.expected_sha512) line("expected sha512:", *r.expected_sha512);
-    line("attempts:", std::to_string(r.attempts));
+    line("attempts:", std::to_string(r.attempts) + " (at most " +
+                          std::to_string(r.retry_limit() + 1) + ": " +
+                          std::to_string(r.retry_limit()) + " retries)");
+    if (r.state == State::queued && r.next_attempt_at)
+        line("next attempt:", when(*r.next_attempt_at));
     if (r.last_error) line("last error:", *r.last_error);
+    if (r.resume_offset > 0 && r.state != State::active)
+        line("resume from:", std::to_string(r.resume_offset) + " bytes kept in staging");
+    if (r.etag || r.last_modified)
+        line("validator:", r.etag ? "ETag " + *r.etag : "Last-Modified " + *r.last_modified);
+    if (r.tls_insecure)
+        line("tls:", "insecure (certificates are not verified)");
+    else if (r.tls_ca)
+        line("tls:", "CA from --ca-file");
 }
 
 // Follows one image until it is active (exit 0) or failed (exit 1). On a terminal a progress bar
@@ -89,6 +127,7 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
     using Clock = std::chrono::steady_clock;
     const bool tty = ::isatty(STDERR_FILENO);
     std::optional<State> last_state;
+    std::optional<int64_t> last_due;
     auto last_line = Clock::now() - std::chrono::hours(1);
     auto rate_t0 = Clock::now();
     int64_t rate_b0 = 0;
@@ -132,6 +171,14 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
             eta = b;
         }
         std::string rate_s = row->state == State::importing ? "  " + human(rate) + "/s" : "";
+        if (row->state == State::queued && row->next_attempt_at && row->last_error) {
+            // Waiting to retry: say why and when.
+            eta = "  retry " + std::to_string(row->attempts) + " of " +
+                  std::to_string(row->retry_limit()) + " " + when(*row->next_attempt_at) +
+                  " after: " + *row->last_error;
+            changed = changed || row->next_attempt_at != last_due;
+            last_due = row->next_attempt_at;
+        }
         if (tty) {
             std::string bar;
             if (pct >= 0) {
@@ -181,6 +228,57 @@ std::string absolute_source(const std::string& src) {
     return spec.location;
 }
 
+// Refuses an image that cannot fit in the state dir's file system.
+void check_space(const StateDir& dir, int64_t size) {
+    struct statvfs sv {};
+    if (::statvfs(dir.staging_dir().c_str(), &sv) != 0) return;
+    auto avail = static_cast<unsigned long long>(sv.f_bavail) * sv.f_frsize;
+    if (static_cast<unsigned long long>(size) > avail)
+        throw Error(Errc::no_space, "image needs " + std::to_string(size) + " bytes but " +
+                                        dir.root().string() + " has only " + std::to_string(avail) +
+                                        " free; free space first");
+}
+
+// Refuses a URL whose host the state dir's allow-list does not admit. A name that is not listed
+// is admitted if every address it resolves to is in a listed network (the daemon checks again at
+// every connection and every redirect).
+void check_allowed(const StateDir& dir, const std::string& url) {
+    AllowList allow = AllowList::load(dir.allow_path().string());
+    std::string host = url_host(url);
+    if (allow.host_allowed(host)) return;
+    auto refuse = [&](const std::string& why) {
+        return Error(Errc::permission, "host '" + host + "' " + why + " " +
+                                           dir.allow_path().string() +
+                                           "; add it (or its network) there to import from it");
+    };
+    uint8_t probe[16];
+    if (::inet_pton(AF_INET, host.c_str(), probe) == 1 ||
+        ::inet_pton(AF_INET6, host.c_str(), probe) == 1)
+        throw refuse("is not allowed by");
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* res = nullptr;
+    if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || !res)
+        throw refuse("cannot be resolved and is not named in");
+    bool all = true;
+    for (addrinfo* p = res; p; p = p->ai_next) all = all && allow.address_allowed(p->ai_addr);
+    ::freeaddrinfo(res);
+    if (!all) throw refuse("is not allowed by");
+}
+
+std::string read_ca_file(const std::string& path) {
+    std::ifstream f(path);
+    if (!f) throw Error(Errc::not_found, "cannot read --ca-file " + path);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    std::string pem = ss.str();
+    if (pem.find("-----BEGIN CERTIFICATE-----") == std::string::npos)
+        throw Error(
+            Errc::invalid_argument,
+            "--ca-file " + path + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+    return pem;
+}
+
 void tell_daemon(const StateDir& dir, const std::string& what) {
     if (!poke_daemon(dir))
         std::fprintf(stderr,
@@ -201,16 +299,25 @@ int main(int argc, char** argv) {
                    "state directory (default $IMAGEFS_STATE or /var/lib/imagefs)");
     app.set_version_flag("-V,--version", "imagefs 0.1.0");
 
-    std::string name, source, sha256, sha512;
-    int64_t size = -1;
-    bool wait = false, as_json = false;
+    std::string name, source, sha256, sha512, ca_file;
+    int64_t size = -1, retries = -1;
+    bool wait = false, as_json = false, insecure = false;
 
     auto* imp = app.add_subcommand("import", "queue an import of SOURCE (URL or file) as NAME");
     imp->add_option("NAME", name, "image name (the file name in the mount)")->required();
     imp->add_option("SOURCE", source, "http:// or https:// URL, or a local file path")->required();
     auto* o256 = imp->add_option("--sha256", sha256, "expected SHA-256 (hex)");
     imp->add_option("--sha512", sha512, "expected SHA-512 (hex)")->excludes(o256);
-    imp->add_option("--size", size, "expected size in bytes, when the source does not say");
+    imp->add_option("--size", size, "expected size in bytes, when the source does not say")
+        ->check(CLI::NonNegativeNumber);
+    imp->add_option("--retries", retries,
+                    "retries after a failed attempt (default " + std::to_string(kDefaultRetries) +
+                        "; network failures only)")
+        ->check(CLI::Range(int64_t(0), int64_t(1000)));
+    auto* oca = imp->add_option("--ca-file", ca_file,
+                                "PEM file of the CA(s) to trust for https instead of the system's");
+    imp->add_flag("--insecure", insecure, "https without checking the certificate (unsafe)")
+        ->excludes(oca);
     imp->add_flag("--wait", wait, "follow the import; exit 0 once active, 1 if it fails");
 
     auto* list = app.add_subcommand("list", "list images");
@@ -244,12 +351,25 @@ int main(int argc, char** argv) {
             img.source = absolute_source(source);
             img.kind = parse_source(img.source).kind;
             if (size >= 0) img.expected_size = size;
+            if (retries >= 0) img.max_retries = retries;
+            if ((!ca_file.empty() || insecure) && img.kind != SourceKind::http)
+                throw Error(Errc::invalid_argument,
+                            "--ca-file and --insecure apply to http(s) sources only");
+            if (!ca_file.empty()) img.tls_ca = read_ca_file(ca_file);
+            img.tls_insecure = insecure;
+            if (img.kind == SourceKind::http) check_allowed(dir, img.source);
+            if (size > 0) check_space(dir, size);
             if (!sha256.empty())
                 img.expected_sha256 = normalize_hex_digest(DigestAlgo::sha256, sha256);
             if (!sha512.empty())
                 img.expected_sha512 = normalize_hex_digest(DigestAlgo::sha512, sha512);
             cat.add(img);
             std::printf("queued '%s' from %s\n", name.c_str(), img.source.c_str());
+            if (insecure)
+                std::fprintf(stderr,
+                             "imagefs: warning: '%s' is fetched without checking the server's "
+                             "certificate (--insecure)\n",
+                             name.c_str());
             tell_daemon(dir, "it is imported");
             return wait ? wait_for(cat, dir, name) : 0;
         }

@@ -17,6 +17,27 @@ long parse_number(const std::string& opt, const std::string& value, long min, lo
     return v;
 }
 
+// SECS with up to three decimals ("2", "0.25"), as milliseconds.
+int64_t parse_seconds_ms(const std::string& opt, const std::string& value, int64_t max_s) {
+    auto bad = [&] {
+        return Error(Errc::invalid_argument, "invalid value for -o " + opt + ": '" + value +
+                                                 "' (expected seconds from 0 to " +
+                                                 std::to_string(max_s) + ", such as 5 or 0.5)");
+    };
+    auto dot = value.find('.');
+    std::string whole = value.substr(0, dot);
+    std::string frac = dot == std::string::npos ? "" : value.substr(dot + 1);
+    if ((whole.empty() && frac.empty()) || frac.size() > 3 ||
+        whole.find_first_not_of("0123456789") != std::string::npos ||
+        frac.find_first_not_of("0123456789") != std::string::npos ||
+        (dot != std::string::npos && frac.empty()) || whole.size() > 9)
+        throw bad();
+    int64_t ms = (whole.empty() ? 0 : std::stoll(whole)) * 1000;
+    if (!frac.empty()) ms += std::stoll(frac + std::string(3 - frac.size(), '0'));
+    if (ms > max_s * 1000) throw bad();
+    return ms;
+}
+
 void apply_option(DaemonOptions& o, const std::string& opt) {
     if (opt.empty() || is_mount_only_option(opt)) return;
     auto eq = opt.find('=');
@@ -60,6 +81,10 @@ void apply_option(DaemonOptions& o, const std::string& opt) {
         o.connect_timeout_s = parse_number(key, value, 1, 3600);
     } else if (key == "stall_timeout") {
         o.stall_timeout_s = parse_number(key, value, 1, 86400);
+    } else if (key == "retry_delay") {
+        o.retry_delay_ms = parse_seconds_ms(key, value, 86400);
+    } else if (key == "retry_max_delay") {
+        o.retry_max_delay_ms = parse_seconds_ms(key, value, 7 * 86400);
     } else if (key == "publish_delay_ms") {
         o.publish_delay_ms = static_cast<int>(parse_number(key, value, 0, 60000));
     } else if (key == "rw") {
@@ -155,8 +180,12 @@ Without -f, imagefsd returns once the mount answers (exit 0) or fails (exit 1).
      log_level=LEVEL      trace, debug, info (default), warn, error, critical, off
      log_file=PATH        log to PATH (reopened on SIGHUP) instead of stderr/syslog
      max_imports=N        imports running at once (default 4)
-     connect_timeout=SECS  HTTP connect timeout (default 30)
-     stall_timeout=SECS   fail an HTTP import that receives nothing for SECS (default 120)
+     connect_timeout=SECS HTTP connect timeout (default 30)
+     stall_timeout=SECS   fail an HTTP import attempt that receives nothing for SECS
+                          (default 120); like other network failures it is retried
+     retry_delay=SECS     wait before the first retry of a failed import (default 5; each
+                          further retry waits twice as long, each wait randomised to 50-100%)
+     retry_max_delay=SECS longest wait between two attempts (default 300)
      publish_delay_ms=MS  after the last writer closes a file written into the mount, wait
                           MS (default 500) for it to be opened again before verifying it
      ro                   refuse writes into the mount (EROFS); imports still run

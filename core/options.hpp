@@ -2,6 +2,7 @@
 // Parsed here, without libfuse, so that it is unit-tested and shared with the mount helper.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,6 +31,8 @@ struct DaemonOptions {
     int max_imports = 4;
     long connect_timeout_s = 30;
     long stall_timeout_s = 120;
+    int64_t retry_delay_ms = 5000;        // first retry after 2.5-5 s, doubling
+    int64_t retry_max_delay_ms = 300000;  // never waiting more than 5 min
     bool allow_other = false;
     bool read_only = false;
     int publish_delay_ms = 500;  // grace after a writer's last close before verifying  // -o ro: no

@@ -3,8 +3,11 @@
 //   STATE_DIR/imagefsd.lock     flock()ed by the one daemon serving this dir; holds its pid, and
 //                               "PID stopping" once that daemon is shutting down
 //   STATE_DIR/wakeup            written by the CLI after a catalog change; the daemon watches it
+//   STATE_DIR/sources.allow     optional: the hosts and networks HTTP(S) imports may use
+//                               (import/allowlist.hpp); without it every host is allowed
 //   STATE_DIR/images/ID.img     published, verified image data (ID = catalog row id)
-//   STATE_DIR/staging/ID.part   data of an import in progress; never served
+//   STATE_DIR/staging/ID.part   data of an import in progress (kept across restarts and retries
+//                               for HTTP imports that can resume); never served
 #pragma once
 
 #include <boost/filesystem.hpp>
@@ -26,6 +29,7 @@ class StateDir {
     fs::path catalog_path() const { return root_ / "catalog.db"; }
     fs::path lock_path() const { return root_ / "imagefsd.lock"; }
     fs::path wakeup_path() const { return root_ / "wakeup"; }
+    fs::path allow_path() const { return root_ / "sources.allow"; }
     fs::path images_dir() const { return root_ / "images"; }
     fs::path staging_dir() const { return root_ / "staging"; }
     fs::path image_path(int64_t id) const;

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -354,6 +355,8 @@ int run(DaemonOptions o) {
     iopts.max_concurrent = o.max_imports;
     iopts.fetch.connect_timeout_s = o.connect_timeout_s;
     iopts.fetch.stall_timeout_s = o.stall_timeout_s;
+    iopts.retry.base_delay_ms = o.retry_delay_ms;
+    iopts.retry.max_delay_ms = std::max(o.retry_delay_ms, o.retry_max_delay_ms);
     ImportManager manager(dir, iopts, fsimpl);
     fsimpl.on_catalog_change([&manager] { manager.wake(); });
     manager.start();

@@ -11,12 +11,18 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <set>
+#include <thread>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
 #include "core/error.hpp"
+#include "import/allowlist.hpp"
 #include "import/digest.hpp"
 #include "import/format.hpp"
 
@@ -50,9 +56,206 @@ bool all_zero(const char* p, size_t n) {
     return n > 0 && p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
 }
 
-// Writes the stream into the staging file: hashing every byte, leaving 4 KiB blocks of zeros as
-// holes (so sparse images stay sparse), reporting progress to the listener on every chunk and to
-// the catalog at a bounded rate.
+// A checksum mismatch over bytes that came from more than one response: the next attempt (if any
+// is left) starts from zero instead of resuming.
+class ResumedMismatch : public Error {
+  public:
+    explicit ResumedMismatch(const std::string& what) : Error(Errc::failed, what) {}
+};
+
+// Hashes and writes what an import receives on a thread of its own, so that receiving (in the
+// fetch's thread) and hashing + writing (here) run on two cores. Data goes through a small pool of
+// page-aligned buffers: the fetch's thread copies into one, and when it is full this thread
+// hashes it and writes it with one pwrite per run of non-zero 4 KiB blocks (blocks of zeros at
+// 4 KiB file offsets stay holes, so sparse images stay sparse). Every byte is hashed in file order.
+class HashWriter {
+  public:
+    using WriteAt = std::function<void(const char*, size_t, int64_t)>;
+    using SyncFrom = std::function<void(int64_t, int64_t)>;
+
+    HashWriter(bool sha512, WriteAt write_at, SyncFrom sync_from)
+        : sha512_wanted_(sha512), write_at_(std::move(write_at)), sync_from_(std::move(sync_from)) {
+        reset_digests();
+        for (int i = 0; i < kBuffers; ++i) {
+            char* p = static_cast<char*>(std::aligned_alloc(4096, kBufSize));
+            if (!p) throw std::bad_alloc();
+            pool_.emplace_back(p);
+        }
+        thread_ = std::thread([this] { run(); });
+    }
+    ~HashWriter() {
+        {
+            std::lock_guard lk(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+    HashWriter(const HashWriter&) = delete;
+    HashWriter& operator=(const HashWriter&) = delete;
+
+    // The fetch's thread: appends bytes at the end of the file.
+    void append(const char* data, size_t len) {
+        while (len > 0) {
+            if (!cur_) cur_ = take_free();
+            size_t n = std::min(len, kBufSize - cur_len_);
+            std::memcpy(cur_.get() + cur_len_, data, n);
+            cur_len_ += n;
+            data += n;
+            len -= n;
+            if (cur_len_ == kBufSize) submit();
+        }
+    }
+
+    // Waits until everything appended is hashed and written; rethrows a write error.
+    void drain() {
+        if (cur_len_ > 0) submit();
+        std::unique_lock lk(mu_);
+        cv_.wait(lk, [&] { return (queue_.empty() && busy_ == 0) || error_; });
+        if (error_) std::rethrow_exception(error_);
+    }
+
+    // Starts over at file offset `offset` with fresh digests.
+    void reset(int64_t offset) {
+        drain();
+        reset_digests();
+        reset_offset(offset);
+    }
+    // Appends from file offset `offset` on, keeping the digests (after hash_existing()).
+    void reset_offset(int64_t offset) {
+        drain();
+        end_ = written_back_ = offset;
+    }
+    // Hashes bytes that are already in the file (the prefix kept from an earlier attempt), while
+    // nothing else is in flight.
+    void hash_existing(const char* data, size_t len) {
+        sha256_->update(data, len);
+        if (sha512_) sha512_->update(data, len);
+    }
+    int64_t end() const { return end_ + static_cast<int64_t>(cur_len_); }
+    std::string sha256() { return sha256_->hex(); }
+    std::optional<std::string> sha512() {
+        return sha512_ ? std::optional<std::string>(sha512_->hex()) : std::nullopt;
+    }
+
+  private:
+    static constexpr size_t kBufSize = 256 << 10;  // fits in L2: hashed and written while hot
+    static constexpr int kBuffers = 8;
+    static constexpr int64_t kWritebackStep = 64 << 20;
+    struct Free {
+        void operator()(char* p) const { std::free(p); }
+    };
+    using Buf = std::unique_ptr<char, Free>;
+    struct Job {
+        Buf buf;
+        size_t len;
+        int64_t offset;
+    };
+
+    void reset_digests() {
+        sha256_ = std::make_unique<Digest>(DigestAlgo::sha256);
+        if (sha512_wanted_) sha512_ = std::make_unique<Digest>(DigestAlgo::sha512);
+    }
+
+    Buf take_free() {
+        std::unique_lock lk(mu_);
+        cv_.wait(lk, [&] { return !pool_.empty() || error_; });
+        if (error_) std::rethrow_exception(error_);
+        Buf b = std::move(pool_.back());
+        pool_.pop_back();
+        return b;
+    }
+
+    void submit() {
+        Job j{std::move(cur_), cur_len_, end_};
+        end_ += static_cast<int64_t>(cur_len_);
+        cur_len_ = 0;
+        {
+            std::lock_guard lk(mu_);
+            queue_.push_back(std::move(j));
+        }
+        cv_.notify_all();
+    }
+
+    void run() {
+        for (;;) {
+            Job j;
+            {
+                std::unique_lock lk(mu_);
+                cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !error_); });
+                if (stop_) return;
+                j = std::move(queue_.front());
+                queue_.pop_front();
+                ++busy_;
+            }
+            try {
+                sha256_->update(j.buf.get(), j.len);
+                if (sha512_) sha512_->update(j.buf.get(), j.len);
+                write_holey(j.buf.get(), j.len, j.offset);
+                // Start writing back what is complete, so the final fsync has little left to do.
+                int64_t done = j.offset + static_cast<int64_t>(j.len);
+                if (done - written_back_ >= kWritebackStep) {
+                    sync_from_(written_back_, done - written_back_);
+                    written_back_ = done;
+                }
+            } catch (...) {
+                std::lock_guard lk(mu_);
+                error_ = std::current_exception();
+            }
+            {
+                std::lock_guard lk(mu_);
+                --busy_;
+                pool_.push_back(std::move(j.buf));
+            }
+            cv_.notify_all();
+        }
+    }
+
+    void write_holey(const char* p, size_t len, int64_t base) {
+        constexpr size_t kBlock = 4096;
+        size_t run_start = 0, i = 0;
+        bool in_run = false;
+        while (i < len) {
+            size_t to_boundary = kBlock - static_cast<size_t>((base + int64_t(i)) % kBlock);
+            size_t n = std::min(to_boundary, len - i);
+            bool hole = n == kBlock && all_zero(p + i, n);
+            if (hole && in_run) {
+                write_at_(p + run_start, i - run_start, base + int64_t(run_start));
+                in_run = false;
+            } else if (!hole && !in_run) {
+                run_start = i;
+                in_run = true;
+            }
+            i += n;
+        }
+        if (in_run) write_at_(p + run_start, len - run_start, base + int64_t(run_start));
+    }
+
+    const bool sha512_wanted_;
+    WriteAt write_at_;
+    SyncFrom sync_from_;
+    // Owned by the fetch's thread.
+    Buf cur_;
+    size_t cur_len_ = 0;
+    int64_t end_ = 0;  // file offset where cur_ starts
+    // Used by the worker only while it holds a job, by others only after drain().
+    std::unique_ptr<Digest> sha256_;
+    std::unique_ptr<Digest> sha512_;
+    int64_t written_back_ = 0;
+    // Lock order: mu_ is a leaf, never held while hashing, writing or calling out.
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<Job> queue_;
+    std::vector<Buf> pool_;
+    int busy_ = 0;
+    bool stop_ = false;
+    std::exception_ptr error_;
+    std::thread thread_;
+};
+
+// Writes the stream into the staging file through a HashWriter, reports progress to the listener
+// on every chunk and to the catalog at a bounded rate, and (for resumable HTTP imports)
+// checkpoints the bytes written.
 class StagingSink : public ByteSink {
   public:
     StagingSink(int fd, const ImageRow& row, const StateDir& dir, Catalog& cat,
@@ -65,52 +268,163 @@ class StagingSink : public ByteSink {
           opts_(opts),
           cancel_(cancel),
           listener_(listener),
-          sha256_(DigestAlgo::sha256) {
-        if (row.expected_sha512) sha512_ = std::make_unique<Digest>(DigestAlgo::sha512);
+          writer_(
+              row.expected_sha512.has_value(),
+              [this](const char* p, size_t n, int64_t off) { pwrite_all(p, n, off); },
+              [this](int64_t off, int64_t n) {
+                  ::sync_file_range(fd_, off, n, SYNC_FILE_RANGE_WRITE);  // a hint: errors
+              }) {}                                                       // show at fsync
+
+    // Before the fetch: keep the first `offset` bytes of the staging file (they came with
+    // `validator`) and hash them again, or start empty. Returns the number of bytes kept.
+    int64_t prepare(int64_t offset, const Validator& validator) {
+        struct stat st {};
+        if (::fstat(fd_, &st) != 0) throw_errno("cannot stat " + staging_name(), errno);
+        // The file is at least as long as its last checkpoint unless someone shortened it.
+        if (offset <= 0 || st.st_size < offset) offset = 0;
+        truncate_to(offset);
+        writer_.reset(0);
+        if (offset > 0) rehash(offset);
+        writer_.reset_offset(offset);
+        bytes_ = durable_ = offset;
+        validator_ = validator;
+        resumable_ = row_.kind == SourceKind::http && if_range_value(validator_).has_value();
+        total_ = row_.expected_size;
+        return offset;
     }
 
+    // Local files.
     void begin(std::optional<int64_t> size) override {
         announced_ = size;
         if (size) {
             check_space(*size);
-            if (size != row_.expected_size &&
-                cat_.set_expected_size(row_.id, row_.import_token, size)) {
-                if (auto r = cat_.get(row_.id)) listener_.image_changed(*r);
-            }
+            note_size(*size);
         }
     }
 
-    void write(const char* data, size_t len) override {
-        sha256_.update(data, len);
-        if (sha512_) sha512_->update(data, len);
-        constexpr size_t kBlock = 4096;
-        size_t i = 0;
-        while (i < len) {
-            // Split at block boundaries of the file offset so holes are block-aligned.
-            size_t to_boundary = kBlock - static_cast<size_t>((bytes_ + i) % kBlock);
-            size_t n = std::min(to_boundary, len - i);
-            if (!(n == kBlock && all_zero(data + i, n))) pwrite_all(data + i, n, bytes_ + i);
-            i += n;
+    ResumeDecision begin_http(const HttpResponse& r) override {
+        ResumeDecision d = decide_resume(bytes_, total_, r);
+        if (d == ResumeDecision::refetch) return d;
+        if (d == ResumeDecision::restart) {
+            if (bytes_ > 0) {
+                spdlog::info(
+                    "image '{}': the server sent the whole resource (HTTP {}): "
+                    "dropping {} bytes and starting from zero",
+                    row_.name, r.status, bytes_);
+                writer_.reset(0);
+                truncate_to(0);
+                bytes_ = durable_ = 0;
+            }
+            validator_ = r.validator;
+            resumable_ = if_range_value(validator_).has_value();
+            cat_.set_validator(row_.id, row_.import_token, validator_.etag,
+                               validator_.last_modified);
+        } else {
+            spdlog::info("image '{}': resuming at byte {} (HTTP 206)", row_.name, bytes_);
+            resumed_ = true;
         }
+        announced_ = r.total_size;
+        if (r.total_size) {
+            check_space(*r.total_size - bytes_);
+            note_size(*r.total_size);
+        }
+        return d;
+    }
+
+    void write(const char* data, size_t len) override {
+        writer_.append(data, len);
         bytes_ += static_cast<int64_t>(len);
         listener_.image_progress(row_.id, bytes_);
         auto now = Clock::now();
+        last_data_ = now;
         if (now - last_flush_ >= std::chrono::milliseconds(opts_.progress_interval_ms)) {
             last_flush_ = now;
             cat_.update_progress(row_.id, row_.import_token, bytes_);
         }
+        if (resumable_ &&
+            now - last_checkpoint_ >= std::chrono::milliseconds(opts_.checkpoint_interval_ms))
+            checkpoint();
+    }
+
+    void tick() override {
+        if (resumable_ && bytes_ > durable_ &&
+            Clock::now() - last_data_ >= std::chrono::milliseconds(opts_.checkpoint_idle_ms))
+            checkpoint();
     }
 
     bool cancelled() const override { return cancel_.load() != CancelReason::none; }
 
+    // Everything received is hashed and in the file (not necessarily on disk).
+    void flush() { writer_.drain(); }
+
+    // Makes the bytes written so far durable and records them as the resume point.
+    void checkpoint() {
+        last_checkpoint_ = Clock::now();
+        flush();
+        if (!resumable_ || bytes_ == durable_) return;
+        struct stat st {};
+        // Trailing zero blocks are holes: the size must still cover them.
+        if (::fstat(fd_, &st) == 0 && st.st_size < bytes_) truncate_to(bytes_);
+        if (::fdatasync(fd_) != 0) throw_errno("cannot fsync " + staging_name(), errno);
+        cat_.checkpoint(row_.id, row_.import_token, bytes_);
+        cat_.update_progress(row_.id, row_.import_token, bytes_);
+        durable_ = bytes_;
+        spdlog::debug("image '{}': checkpoint at {} bytes", row_.name, bytes_);
+    }
+
+    bool resumable() const { return resumable_; }
+    bool resumed() const { return resumed_; }
     int64_t bytes() const { return bytes_; }
     std::optional<int64_t> announced() const { return announced_; }
-    std::string sha256() { return sha256_.hex(); }
-    std::optional<std::string> sha512() {
-        return sha512_ ? std::optional<std::string>(sha512_->hex()) : std::nullopt;
+    // After flush().
+    std::string sha256() { return writer_.sha256(); }
+    std::optional<std::string> sha512() { return writer_.sha512(); }
+
+    void check_space(int64_t need) {
+        struct statvfs sv {};
+        if (need <= 0 || ::statvfs(dir_.staging_dir().c_str(), &sv) != 0) return;
+        auto avail = static_cast<unsigned long long>(sv.f_bavail) * sv.f_frsize;
+        if (static_cast<unsigned long long>(need) > avail)
+            throw Error(Errc::no_space, "image needs " + std::to_string(need) + " more bytes but " +
+                                            dir_.root().string() + " has only " +
+                                            std::to_string(avail) +
+                                            " free; free space and run 'imagefs retry'");
     }
 
   private:
+    std::string staging_name() const { return dir_.staging_path(row_.id).string(); }
+
+    void truncate_to(int64_t size) {
+        if (::ftruncate(fd_, size) != 0) throw_errno("cannot size " + staging_name(), errno);
+    }
+
+    // Hashes the first `n` bytes of the staging file: the digests cover every byte of the image,
+    // the kept ones included.
+    void rehash(int64_t n) {
+        std::vector<char> buf(1 << 20);
+        int64_t off = 0;
+        while (off < n) {
+            if (cancelled()) throw Error(Errc::cancelled, "import cancelled");
+            size_t want = static_cast<size_t>(std::min<int64_t>(n - off, int64_t(buf.size())));
+            ssize_t got = ::pread(fd_, buf.data(), want, off);
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0) throw_errno("cannot read " + staging_name(), errno);
+            if (got == 0) throw Error(Errc::io, staging_name() + " is shorter than its checkpoint");
+            writer_.hash_existing(buf.data(), static_cast<size_t>(got));
+            off += got;
+        }
+        spdlog::info("image '{}': kept {} bytes from an earlier attempt", row_.name, n);
+    }
+
+    void note_size(int64_t size) {
+        total_ = size;
+        if (size != row_.expected_size &&
+            cat_.set_expected_size(row_.id, row_.import_token, size)) {
+            if (auto r = cat_.get(row_.id)) listener_.image_changed(*r);
+        }
+    }
+
+    // Called on the writer's thread.
     void pwrite_all(const char* p, size_t n, int64_t off) {
         while (n > 0) {
             ssize_t w = ::pwrite(fd_, p, n, off);
@@ -121,23 +435,12 @@ class StagingSink : public ByteSink {
                     throw Error(Errc::no_space, "no space left in " + dir_.root().string() +
                                                     " after " + std::to_string(off) +
                                                     " bytes; free space and run 'imagefs retry'");
-                throw_errno("cannot write " + dir_.staging_path(row_.id).string(), err);
+                throw_errno("cannot write " + staging_name(), err);
             }
             p += w;
             n -= static_cast<size_t>(w);
             off += w;
         }
-    }
-
-    void check_space(int64_t size) {
-        struct statvfs sv {};
-        if (::statvfs(dir_.staging_dir().c_str(), &sv) != 0) return;
-        auto avail = static_cast<unsigned long long>(sv.f_bavail) * sv.f_frsize;
-        if (static_cast<unsigned long long>(size) > avail)
-            throw Error(Errc::no_space, "image needs " + std::to_string(size) + " bytes but " +
-                                            dir_.root().string() + " has only " +
-                                            std::to_string(avail) +
-                                            " free; free space and run 'imagefs retry'");
     }
 
     int fd_;
@@ -147,40 +450,88 @@ class StagingSink : public ByteSink {
     const ImportOptions& opts_;
     const std::atomic<CancelReason>& cancel_;
     ImportListener& listener_;
-    Digest sha256_;
-    std::unique_ptr<Digest> sha512_;
-    int64_t bytes_ = 0;
+    int64_t bytes_ = 0;    // received (hashed and written, or on the way)
+    int64_t durable_ = 0;  // bytes recorded as the resume point
     std::optional<int64_t> announced_;
+    std::optional<int64_t> total_;
+    Validator validator_;
+    bool resumable_ = false;
+    bool resumed_ = false;
     Clock::time_point last_flush_ = Clock::now();
+    Clock::time_point last_checkpoint_ = Clock::now();
+    Clock::time_point last_data_ = Clock::now();
+    HashWriter writer_;  // last: its thread stops before the members it uses go
 };
 
 void notify(Catalog& cat, ImportListener& listener, int64_t id) {
     if (auto r = cat.get(id)) listener.image_changed(*r);
 }
 
+// The staging file and its sink, owned by run_import so that a failed attempt can still
+// checkpoint what it wrote.
+struct Attempt {
+    std::unique_ptr<Fd> fd;
+    std::unique_ptr<StagingSink> sink;
+    void close() {
+        sink.reset();
+        fd.reset();
+    }
+};
+
 // Everything of one attempt that can fail. Returns normally only once the row is active (or was
 // removed under us, in which case the published file is removed again).
 void import_attempt(const ImageRow& row, const StateDir& dir, Catalog& cat,
                     const ImportOptions& opts, const std::atomic<CancelReason>& cancel,
-                    ImportListener& listener) {
+                    ImportListener& listener, Attempt& a) {
     const fs::path staging = dir.staging_path(row.id);
-    Fd fd(::open(staging.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (fd.get() < 0) throw_errno("cannot create " + staging.string(), errno);
+    const fs::path target = dir.image_path(row.id);
+    const bool http = row.kind == SourceKind::http;
+    a.fd = std::make_unique<Fd>(::open(staging.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+    if (a.fd->get() < 0) throw_errno("cannot create " + staging.string(), errno);
+    const int fd = a.fd->get();
+    a.sink = std::make_unique<StagingSink>(fd, row, dir, cat, opts, cancel, listener);
+    StagingSink& sink = *a.sink;
 
-    StagingSink sink(fd.get(), row, dir, cat, opts, cancel, listener);
-    fetch(parse_source(row.source), sink, opts.fetch);
+    FetchOptions fo = opts.fetch;
+    Validator validator{row.etag, row.last_modified};
+    int64_t offset = http ? row.resume_offset : 0;
+    // All bytes were there (a crash while verifying): ask for the last one again, so that the
+    // validator still decides whether they are current.
+    if (offset > 0 && row.expected_size && offset >= *row.expected_size)
+        offset = *row.expected_size - 1;
+    fo.resume_offset = sink.prepare(offset, validator);
+    fo.resume_validator = validator;
+    fo.tls_ca = row.tls_ca;
+    fo.tls_insecure = row.tls_insecure;
+    AllowList allow = http ? AllowList::load(dir.allow_path().string()) : AllowList();
+    fo.allow = &allow;
+    if (row.expected_size) sink.check_space(*row.expected_size - fo.resume_offset);
 
+    fetch(parse_source(row.source), sink, fo);
+
+    sink.flush();
     const int64_t size = sink.bytes();
     if (sink.announced() && *sink.announced() != size)
         throw Error(Errc::network, "source ended after " + std::to_string(size) + " of " +
                                        std::to_string(*sink.announced()) + " bytes");
-    if (::ftruncate(fd.get(), size) != 0) throw_errno("cannot size " + staging.string(), errno);
+    if (::ftruncate(fd, size) != 0) throw_errno("cannot size " + staging.string(), errno);
+    if (::fsync(fd) != 0) throw_errno("cannot fsync " + staging.string(), errno);
+    sink.checkpoint();  // a crash while verifying does not lose the bytes
 
     if (!cat.begin_verify(row.id, row.import_token, size))
         throw Error(Errc::cancelled, "image removed during import");
     notify(cat, listener, row.id);
-    verify_and_publish(row, dir, cat, fd.get(), size, sink.sha256(), sink.sha512(), cancel,
-                       listener);
+    try {
+        verify_and_publish(row, dir, cat, fd, size, sink.sha256(), sink.sha512(), cancel, listener);
+    } catch (const Error& e) {
+        // A checksum mismatch over bytes that came from more than one response may be a server
+        // that changed the resource but not its validator: one more try, from zero.
+        if (e.code() == Errc::failed && sink.resumed())
+            throw ResumedMismatch(std::string(e.what()) +
+                                  " (over bytes of a resumed download: the next attempt starts "
+                                  "from zero)");
+        throw;
+    }
 }
 
 }  // namespace
@@ -221,25 +572,76 @@ void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, 
     notify(cat, listener, row.id);
 }
 
+namespace {
+
+// Keeps what a failed or stopped HTTP attempt wrote as its resume point. False if there is
+// nothing that could be resumed.
+bool keep_for_resume(Attempt& a, const ImageRow& row) {
+    if (row.kind != SourceKind::http || !a.sink || !a.sink->resumable()) return false;
+    try {
+        a.sink->checkpoint();
+        return true;
+    } catch (const std::exception& e) {
+        spdlog::warn("image '{}': cannot keep the bytes for resuming: {}", row.name, e.what());
+        return false;
+    }
+}
+
+void handle_failure(const ImageRow& row, const StateDir& dir, Catalog& cat,
+                    const ImportOptions& opts, ImportListener& listener, Attempt& a,
+                    const Error& e) {
+    const bool fresh = dynamic_cast<const ResumedMismatch*>(&e) != nullptr;
+    const bool retryable = fresh || is_retryable(e);
+    const bool keep = retryable && !fresh && keep_for_resume(a, row);
+    a.close();  // an open descriptor would keep the space of an unlinked file
+    if (!keep) ::unlink(dir.staging_path(row.id).c_str());
+    const int64_t retries_used = row.attempts - 1;
+    bool changed;
+    if (retryable && retries_used < row.retry_limit()) {
+        int64_t delay = backoff_delay_ms(opts.retry, retries_used + 1);
+        spdlog::warn("import of '{}' failed (attempt {} of {}): {}; retrying in {:.1f} s{}",
+                     row.name, row.attempts, row.retry_limit() + 1, e.what(), double(delay) / 1000,
+                     keep ? " from the bytes kept" : "");
+        changed = cat.schedule_retry(row.id, row.import_token, e.what(), now_ms() + delay, keep);
+    } else {
+        std::string msg = e.what();
+        if (retryable)
+            msg += "; gave up after " + std::to_string(row.attempts) +
+                   (row.attempts == 1 ? " attempt" : " attempts");
+        spdlog::error("import of '{}' failed: {}", row.name, msg);
+        changed = cat.fail(row.id, row.import_token, msg, keep);
+    }
+    if (changed) notify(cat, listener, row.id);
+}
+
+}  // namespace
+
 void run_import(const ImageRow& row, const StateDir& dir, Catalog& cat, const ImportOptions& opts,
                 const std::atomic<CancelReason>& cancel, ImportListener& listener) {
     spdlog::info("importing '{}' from {} (attempt {})", row.name, row.source, row.attempts);
+    Attempt a;
     try {
-        import_attempt(row, dir, cat, opts, cancel, listener);
+        import_attempt(row, dir, cat, opts, cancel, listener, a);
         return;
     } catch (const Error& e) {
-        ::unlink(dir.staging_path(row.id).c_str());
-        if (e.code() == Errc::cancelled || cancel.load() != CancelReason::none) {
-            // Shutdown leaves the row importing: the next start imports it again.
+        const CancelReason why = cancel.load();
+        if (e.code() == Errc::cancelled || why != CancelReason::none) {
+            // Shutdown leaves the row importing: the next start imports it again, resuming from
+            // the bytes kept here when it can.
+            bool keep = why == CancelReason::shutdown && keep_for_resume(a, row);
+            a.close();
+            if (!keep) ::unlink(dir.staging_path(row.id).c_str());
             spdlog::info("import of '{}' stopped: {}", row.name, e.what());
+            // Stopped for any other reason than a shutdown while the row is still ours: never
+            // leave it importing with nobody at work on it.
+            if (why != CancelReason::shutdown &&
+                cat.schedule_retry(row.id, row.import_token, e.what(), now_ms(), false))
+                notify(cat, listener, row.id);
             return;
         }
-        spdlog::error("import of '{}' failed: {}", row.name, e.what());
-        if (cat.fail(row.id, row.import_token, e.what())) notify(cat, listener, row.id);
+        handle_failure(row, dir, cat, opts, listener, a, e);
     } catch (const std::exception& e) {
-        ::unlink(dir.staging_path(row.id).c_str());
-        spdlog::error("import of '{}' failed: {}", row.name, e.what());
-        if (cat.fail(row.id, row.import_token, e.what())) notify(cat, listener, row.id);
+        handle_failure(row, dir, cat, opts, listener, a, Error(Errc::io, e.what()));
     }
 }
 
@@ -247,12 +649,16 @@ int recover_state_dir(const StateDir& dir, Catalog& cat) {
     auto requeued = cat.recover();
     for (auto id : requeued) spdlog::warn("image #{} was being imported: importing it again", id);
     std::set<std::string> keep;
-    for (const auto& r : cat.list())
+    for (const auto& r : cat.list()) {
         if (r.state == State::active) keep.insert(dir.image_path(r.id).filename().string());
+        if (r.state != State::active && r.kind == SourceKind::http && r.resume_offset > 0 &&
+            if_range_value(Validator{r.etag, r.last_modified}))
+            keep.insert(dir.staging_path(r.id).filename().string());
+    }
     int removed = 0;
     for (const auto& d : {dir.staging_dir(), dir.images_dir()}) {
         for (const auto& e : fs::directory_iterator(d)) {
-            if (d == dir.images_dir() && keep.count(e.path().filename().string())) continue;
+            if (keep.count(e.path().filename().string())) continue;
             boost::system::error_code ec;
             if (fs::remove(e.path(), ec)) {
                 spdlog::info("removed leftover {}", e.path().string());
@@ -318,18 +724,26 @@ void ImportManager::sync(Catalog& cat) {
     std::map<int64_t, const ImageRow*> by_id;
     for (const auto& r : rows) by_id[r.id] = &r;
     std::vector<int64_t> gone;
+    const int64_t now = now_ms();
     {
         std::lock_guard lk(mu_);
-        for (auto& [id, flag] : running_) {
-            auto it = by_id.find(id);
-            if (it == by_id.end() || it->second->state == State::queued ||
-                it->second->state == State::failed)
-                flag->store(CancelReason::removed);  // removed or retried under us
+        // Only a row that is gone stops its import. (A running import's row can look queued
+        // in this snapshot: read just before the worker's start_import, or just after its
+        // attempt scheduled a retry. Stopping it then would leave it importing for good.)
+        for (auto& [id, flag] : running_)
+            if (!by_id.count(id)) flag->store(CancelReason::removed);
+        next_due_ms_ = 0;
+        for (const auto& r : rows) {
+            if (r.state != State::queued || running_.count(r.id) ||
+                std::find(queue_.begin(), queue_.end(), r.id) != queue_.end())
+                continue;
+            if (r.next_attempt_at && *r.next_attempt_at > now) {  // a retry, not due yet
+                if (next_due_ms_ == 0 || *r.next_attempt_at < next_due_ms_)
+                    next_due_ms_ = *r.next_attempt_at;
+                continue;
+            }
+            queue_.push_back(r.id);
         }
-        for (const auto& r : rows)
-            if (r.state == State::queued && !running_.count(r.id) &&
-                std::find(queue_.begin(), queue_.end(), r.id) == queue_.end())
-                queue_.push_back(r.id);
     }
     work_cv_.notify_all();
     // Files of rows that no longer exist: removed by 'imagefs rm'. Open readers keep their fds.
@@ -353,11 +767,16 @@ void ImportManager::sync(Catalog& cat) {
 void ImportManager::control_loop() {
     std::unique_ptr<Catalog> cat;
     for (;;) {
+        const int64_t now = now_ms();
         {
             std::unique_lock lk(mu_);
-            // The periodic resync is a safety net only; wakeups come from inotify.
-            control_cv_.wait_for(lk, std::chrono::seconds(30),
-                                 [&] { return stopping_ || wake_pending_; });
+            // The periodic resync is a safety net only; wakeups come from inotify, and from the
+            // clock when a retry falls due.
+            auto timeout = std::chrono::milliseconds(30000);
+            if (next_due_ms_ > 0)
+                timeout = std::min(timeout, std::chrono::milliseconds(
+                                                std::max<int64_t>(0, next_due_ms_ - now + 5)));
+            control_cv_.wait_for(lk, timeout, [&] { return stopping_ || wake_pending_; });
             if (stopping_) return;
             wake_pending_ = false;
         }

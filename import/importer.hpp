@@ -2,9 +2,17 @@
 //
 // One attempt (run_import): fetch the source into STATE_DIR/staging/ID.part while hashing it,
 // fsync it, verify size and checksum, detect the format, rename it to STATE_DIR/images/ID.img,
-// fsync the directory, and only then mark the row active. A failure at any step removes the
-// staging file and marks the row failed; nothing unverified is ever at images/ID.img while the
-// row is active.
+// fsync the directory, and only then mark the row active. Nothing unverified is ever at
+// images/ID.img while the row is active.
+//
+// Failures (docs/import.md): a retryable one (Errc::network: transport errors, stalls, short
+// bodies, HTTP 408/429/5xx) puts the row back to queued with next_attempt_at set by the backoff
+// policy, until the image's retry limit is used up; then, and for any other failure, the row is
+// failed. An HTTP import keeps its staging file across retryable failures, shutdowns and crashes
+// when the server gave a validator (strong ETag or Last-Modified): the bytes up to the last
+// checkpoint (fdatasync + resume_offset in the catalog) are kept and re-hashed, and the rest is
+// asked for with Range + If-Range, so a changed resource comes back whole (200) and replaces them.
+// Every other failure removes the staging file.
 #pragma once
 
 #include <atomic>
@@ -18,6 +26,7 @@
 #include <vector>
 
 #include "core/statedir.hpp"
+#include "import/retry.hpp"
 #include "import/source.hpp"
 #include "meta/catalog.hpp"
 
@@ -25,8 +34,11 @@ namespace imagefs {
 
 struct ImportOptions {
     FetchOptions fetch;
+    RetryPolicy retry;
     int max_concurrent = 4;
-    int progress_interval_ms = 500;  // catalog progress writes, at most this often
+    int progress_interval_ms = 500;      // catalog progress writes, at most this often
+    int checkpoint_interval_ms = 10000;  // resume checkpoints while bytes flow, at most this often
+    int checkpoint_idle_ms = 1000;       // ... and once no bytes came for this long
 };
 
 // Told about every catalog change the daemon makes or observes. Called from the manager's threads
@@ -56,8 +68,8 @@ void verify_and_publish(const ImageRow& row, const StateDir& dir, Catalog& cat, 
                         const std::optional<std::string>& sha512,
                         const std::atomic<CancelReason>& cancel, ImportListener& listener);
 
-// At daemon start: requeue interrupted imports, remove staging leftovers and image files that no
-// active row owns. Returns the number of files removed.
+// At daemon start: requeue interrupted imports, remove image files that no active row owns and
+// staging files that no resumable HTTP import owns. Returns the number of files removed.
 int recover_state_dir(const StateDir& dir, Catalog& cat);
 
 class ImportManager {
@@ -88,6 +100,7 @@ class ImportManager {
     bool stopping_ = false;
     bool wake_pending_ = true;
     std::deque<int64_t> queue_;
+    int64_t next_due_ms_ = 0;  // earliest next_attempt_at of a queued row not yet due (0: none)
     std::map<int64_t, std::shared_ptr<std::atomic<CancelReason>>> running_;
 
     int stop_fd_ = -1;  // eventfd that ends watch_loop

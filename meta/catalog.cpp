@@ -51,6 +51,17 @@ constexpr const char* kMigrations[] = {
         PRIMARY KEY (image_id, name)
     );
     )sql",
+    // 2 -> 3: retries with backoff, resume of HTTP imports, TLS settings per import.
+    R"sql(
+    ALTER TABLE images ADD COLUMN max_retries INTEGER CHECK (max_retries IS NULL OR max_retries >= 0);
+    ALTER TABLE images ADD COLUMN next_attempt_at INTEGER;
+    ALTER TABLE images ADD COLUMN resume_offset INTEGER NOT NULL DEFAULT 0
+                       CHECK (resume_offset >= 0);
+    ALTER TABLE images ADD COLUMN etag TEXT;
+    ALTER TABLE images ADD COLUMN last_modified TEXT;
+    ALTER TABLE images ADD COLUMN tls_ca TEXT;
+    ALTER TABLE images ADD COLUMN tls_insecure INTEGER NOT NULL DEFAULT 0;
+    )sql",
 };
 constexpr int64_t kMigrationCount = sizeof kMigrations / sizeof kMigrations[0];
 static_assert(kMigrationCount == Catalog::kSchemaVersion);
@@ -58,7 +69,8 @@ static_assert(kMigrationCount == Catalog::kSchemaVersion);
 constexpr const char* kColumns =
     "id, name, source, source_kind, state, expected_size, bytes_imported, final_size, sha256, "
     "sha512, expected_sha256, expected_sha512, format, virtual_size, attempts, last_error, "
-    "created_at, updated_at, activated_at, import_token, mode, uid, gid, mtime_ns";
+    "created_at, updated_at, activated_at, import_token, mode, uid, gid, mtime_ns, "
+    "max_retries, next_attempt_at, resume_offset, etag, last_modified, tls_ca, tls_insecure";
 
 SourceKind parse_kind(std::string_view s) {
     if (s == "http") return SourceKind::http;
@@ -92,10 +104,21 @@ ImageRow read_row(const sql::Statement& st) {
     r.uid = st.i64(21);
     r.gid = st.i64(22);
     r.mtime_ns = st.opt_i64(23);
+    r.max_retries = st.opt_i64(24);
+    r.next_attempt_at = st.opt_i64(25);
+    r.resume_offset = st.i64(26);
+    r.etag = st.opt_text(27);
+    r.last_modified = st.opt_text(28);
+    r.tls_ca = st.opt_text(29);
+    r.tls_insecure = st.i64(30) != 0;
     return r;
 }
 
 }  // namespace
+
+int64_t ImageRow::retry_limit() const {
+    return max_retries.value_or(kDefaultRetries);
+}
 
 int64_t now_ms() {
     using namespace std::chrono;
@@ -181,8 +204,9 @@ ImageRow Catalog::add(const NewImage& img) {
         int64_t now = now_ms();
         sql::Statement st(db_,
                           "INSERT INTO images (name, source, source_kind, state, expected_size, "
-                          "expected_sha256, expected_sha512, created_at, updated_at) "
-                          "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)");
+                          "expected_sha256, expected_sha512, created_at, updated_at, "
+                          "max_retries, tls_ca, tls_insecure) "
+                          "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)");
         st.bind(1, img.name)
             .bind(2, img.source)
             .bind(3, to_string(img.kind))
@@ -191,6 +215,9 @@ ImageRow Catalog::add(const NewImage& img) {
             .bind(6, img.expected_sha512)
             .bind(7, now)
             .bind(8, now)
+            .bind(9, img.max_retries)
+            .bind(10, img.tls_ca)
+            .bind(11, int64_t(img.tls_insecure ? 1 : 0))
             .run();
         auto row = get(db_.last_insert_rowid());
         tx.commit();
@@ -380,8 +407,8 @@ std::optional<ImageRow> Catalog::start_import(int64_t id) {
         sql::Statement st(
             db_,
             "UPDATE images SET state = 'importing', attempts = attempts + 1, "
-            "import_token = import_token + 1, bytes_imported = 0, "
-            "final_size = NULL, last_error = NULL, updated_at = MAX(?, updated_at + 1) "
+            "import_token = import_token + 1, bytes_imported = resume_offset, "
+            "final_size = NULL, next_attempt_at = NULL, updated_at = MAX(?, updated_at + 1) "
             "WHERE id = ? AND state = 'queued'");
         st.bind(1, now_ms()).bind(2, id).run();
         if (db_.changes() == 0) return std::nullopt;
@@ -413,6 +440,30 @@ bool Catalog::update_progress(int64_t id, int64_t token, int64_t bytes) {
     });
 }
 
+bool Catalog::set_validator(int64_t id, int64_t token, const std::optional<std::string>& etag,
+                            const std::optional<std::string>& last_modified) {
+    return sql::with_retry(db_, [&] {
+        sql::Statement st(db_,
+                          "UPDATE images SET etag = ?, last_modified = ?, resume_offset = 0, "
+                          "updated_at = MAX(?, updated_at + 1) "
+                          "WHERE id = ? AND import_token = ? AND state = 'importing'");
+        st.bind(1, etag).bind(2, last_modified).bind(3, now_ms()).bind(4, id).bind(5, token).run();
+        return db_.changes() > 0;
+    });
+}
+
+bool Catalog::checkpoint(int64_t id, int64_t token, int64_t offset) {
+    return sql::with_retry(db_, [&] {
+        sql::Statement st(
+            db_,
+            "UPDATE images SET resume_offset = ?, updated_at = MAX(?, updated_at + 1) "
+            "WHERE id = ? AND import_token = ? "
+            "AND state IN ('importing', 'verifying')");
+        st.bind(1, offset).bind(2, now_ms()).bind(3, id).bind(4, token).run();
+        return db_.changes() > 0;
+    });
+}
+
 bool Catalog::begin_verify(int64_t id, int64_t token, int64_t final_size) {
     return sql::with_retry(db_, [&] {
         sql::Statement st(db_,
@@ -431,6 +482,7 @@ bool Catalog::activate(int64_t id, int64_t token, const ActiveInfo& info) {
         sql::Statement st(db_,
                           "UPDATE images SET state = 'active', final_size = ?, sha256 = ?, "
                           "sha512 = ?, format = ?, virtual_size = ?, last_error = NULL, "
+                          "resume_offset = 0, next_attempt_at = NULL, "
                           "activated_at = ?, updated_at = MAX(?, updated_at + 1) "
                           "WHERE id = ? AND import_token = ? AND state = 'verifying'");
         st.bind(1, info.final_size)
@@ -447,14 +499,41 @@ bool Catalog::activate(int64_t id, int64_t token, const ActiveInfo& info) {
     });
 }
 
-bool Catalog::fail(int64_t id, int64_t token, const std::string& error) {
+bool Catalog::fail(int64_t id, int64_t token, const std::string& error, bool keep_resume) {
     return sql::with_retry(db_, [&] {
-        sql::Statement st(db_,
-                          "UPDATE images SET state = 'failed', last_error = ?, updated_at = MAX(?, "
-                          "updated_at + 1) "
-                          "WHERE id = ? AND import_token = ? "
-                          "AND state IN ('importing', 'verifying')");
+        sql::Statement st(db_, keep_resume
+                                   ? "UPDATE images SET state = 'failed', last_error = ?, "
+                                     "next_attempt_at = NULL, bytes_imported = resume_offset, "
+                                     "updated_at = MAX(?, updated_at + 1) "
+                                     "WHERE id = ? AND import_token = ? "
+                                     "AND state IN ('importing', 'verifying')"
+                                   : "UPDATE images SET state = 'failed', last_error = ?, "
+                                     "next_attempt_at = NULL, resume_offset = 0, etag = NULL, "
+                                     "last_modified = NULL, updated_at = MAX(?, updated_at + 1) "
+                                     "WHERE id = ? AND import_token = ? "
+                                     "AND state IN ('importing', 'verifying')");
         st.bind(1, error).bind(2, now_ms()).bind(3, id).bind(4, token).run();
+        return db_.changes() > 0;
+    });
+}
+
+bool Catalog::schedule_retry(int64_t id, int64_t token, const std::string& error,
+                             int64_t next_attempt_at, bool keep_resume) {
+    return sql::with_retry(db_, [&] {
+        sql::Statement st(db_, keep_resume
+                                   ? "UPDATE images SET state = 'queued', last_error = ?, "
+                                     "next_attempt_at = ?, bytes_imported = resume_offset, "
+                                     "final_size = NULL, updated_at = MAX(?, updated_at + 1) "
+                                     "WHERE id = ? AND import_token = ? "
+                                     "AND state IN ('importing', 'verifying')"
+                                   : "UPDATE images SET state = 'queued', last_error = ?, "
+                                     "next_attempt_at = ?, bytes_imported = 0, final_size = NULL, "
+                                     "resume_offset = 0, etag = NULL, last_modified = NULL, "
+                                     "updated_at = MAX(?, updated_at + 1) "
+                                     "WHERE id = ? AND import_token = ? "
+                                     "AND state IN ('importing', 'verifying')");
+        st.bind(1, error).bind(2, next_attempt_at).bind(3, now_ms()).bind(4, id).bind(5, token);
+        st.run();
         return db_.changes() > 0;
     });
 }
@@ -470,8 +549,8 @@ ImageRow Catalog::retry(std::string_view name) {
                                                     "; only failed images can be retried");
         sql::Statement st(db_,
                           "UPDATE images SET state = 'queued', attempts = 0, last_error = NULL, "
-                          "bytes_imported = 0, final_size = NULL, updated_at = MAX(?, updated_at + "
-                          "1) WHERE id = ?");
+                          "next_attempt_at = NULL, bytes_imported = resume_offset, "
+                          "final_size = NULL, updated_at = MAX(?, updated_at + 1) WHERE id = ?");
         st.bind(1, now_ms()).bind(2, row->id).run();
         auto updated = get(row->id);
         tx.commit();
@@ -496,7 +575,7 @@ std::vector<int64_t> Catalog::recover() {
             "WHERE state IN ('importing', 'verifying') AND source_kind = 'upload'");
         up.bind(1, now_ms()).run();
         sql::Statement st(db_,
-                          "UPDATE images SET state = 'queued', bytes_imported = 0, "
+                          "UPDATE images SET state = 'queued', bytes_imported = resume_offset, "
                           "final_size = NULL, updated_at = MAX(?, updated_at + 1) "
                           "WHERE state IN ('importing', 'verifying')");
         st.bind(1, now_ms()).run();

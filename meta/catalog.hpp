@@ -53,7 +53,20 @@ struct ImageRow {
     int64_t gid = 0;
     std::optional<int64_t> mtime_ns;            // unset: the activation (or creation) time
     std::map<std::string, std::string> xattrs;  // user.* xattrs stored for the file (rsync -X)
+    // Retries and resume (schema 3).
+    std::optional<int64_t> max_retries;      // NULL: kDefaultRetries
+    std::optional<int64_t> next_attempt_at;  // unix ms; a queued row is not started before it
+    int64_t resume_offset = 0;               // bytes of staging/ID.part known durable and valid
+    std::optional<std::string> etag;         // validator of the response those bytes came from
+    std::optional<std::string> last_modified;
+    std::optional<std::string> tls_ca;  // PEM trusted instead of the system store (--ca-file)
+    bool tls_insecure = false;          // --insecure: no certificate verification
+
+    int64_t retry_limit() const;  // max_retries, or the default
 };
+
+// Retries after the first attempt when `imagefs import` is not given --retries.
+constexpr int64_t kDefaultRetries = 10;
 
 struct NewUpload {
     std::string name;
@@ -78,6 +91,9 @@ struct NewImage {
     std::optional<int64_t> expected_size;
     std::optional<std::string> expected_sha256;
     std::optional<std::string> expected_sha512;
+    std::optional<int64_t> max_retries;
+    std::optional<std::string> tls_ca;
+    bool tls_insecure = false;
 };
 
 struct ActiveInfo {
@@ -90,7 +106,7 @@ struct ActiveInfo {
 
 class Catalog {
   public:
-    static constexpr int64_t kSchemaVersion = 2;
+    static constexpr int64_t kSchemaVersion = 3;
 
     // Opens the catalog at `db_path`, creating it if `create`, and upgrades its schema. Refuses a
     // schema newer than this build (Errc::corrupt with the versions named).
@@ -116,17 +132,29 @@ class Catalog {
     bool set_xattr(int64_t id, std::string_view name, std::string_view value);
     bool remove_xattr(int64_t id, std::string_view name);
 
-    // queued -> importing. Bumps attempts and the import token, resets progress. Returns the row
-    // (carrying the new token) or nullopt if the image is not queued any more.
+    // queued -> importing. Bumps attempts and the import token, sets progress to the resume
+    // offset and clears next_attempt_at (last_error stays until the image is active or retried).
+    // Returns the row (carrying the new token) or nullopt if the image is not queued any more.
     std::optional<ImageRow> start_import(int64_t id);
     bool set_expected_size(int64_t id, int64_t token, std::optional<int64_t> size);
     bool update_progress(int64_t id, int64_t token, int64_t bytes);
+    // A response whose body starts at offset 0: its validator, and nothing durable yet.
+    bool set_validator(int64_t id, int64_t token, const std::optional<std::string>& etag,
+                       const std::optional<std::string>& last_modified);
+    // The first `offset` bytes of staging/ID.part are fsynced: a later attempt may resume there.
+    bool checkpoint(int64_t id, int64_t token, int64_t offset);
     bool begin_verify(int64_t id, int64_t token, int64_t final_size);  // importing -> verifying
     bool activate(int64_t id, int64_t token, const ActiveInfo& info);  // verifying -> active
-    bool fail(int64_t id, int64_t token,
-              const std::string& error);  // importing|verifying -> failed
+    // importing|verifying -> failed. Unless `keep_resume`, forgets the resume point and validator
+    // (the caller removes the staging file).
+    bool fail(int64_t id, int64_t token, const std::string& error, bool keep_resume = false);
+    // importing|verifying -> queued with next_attempt_at = `next_attempt_at` (unix ms), for a
+    // retryable failure. Unless `keep_resume`, the next attempt starts from zero.
+    bool schedule_retry(int64_t id, int64_t token, const std::string& error,
+                        int64_t next_attempt_at, bool keep_resume);
 
-    // failed -> queued, for `imagefs retry`. Errc::not_found / Errc::invalid_argument otherwise.
+    // failed -> queued, for `imagefs retry`: attempts start from 0 again, due at once; a kept
+    // resume point stays. Errc::not_found / Errc::invalid_argument otherwise.
     ImageRow retry(std::string_view name);
     // At daemon start: importing|verifying -> queued, except uploads, whose writer is gone: they
     // become failed. Returns the affected rows' ids.

@@ -4,6 +4,7 @@
 Usage
 -----
     python3 tests/httpd.py --root DIR [--port 0] [--port-file FILE] [--bind 127.0.0.1]
+                           [--tls-cert PEM --tls-key PEM]
 
   --root DIR        directory whose files are served (URL path /a/b -> DIR/a/b).
   --port N          TCP port; 0 (default) lets the kernel choose one.
@@ -11,11 +12,17 @@ Usage
                     (FILE.tmp then os.replace).  The file is left in place on exit.
   --bind ADDR       loopback address to bind (default 127.0.0.1; ::1 and
                     "localhost" also accepted; non-loopback addresses are refused).
+  --tls-cert PEM    serve HTTPS with this certificate (chain) ...
+  --tls-key PEM     ... and its private key.  Everything else behaves the same;
+                    the TLS handshake runs in the connection's own thread, and
+                    a failed handshake (a client that refuses the certificate) is
+                    logged as "(tls-handshake-failed)".
 
 Once listening the server also prints "PORT <n>" on stdout (flushed).  It
 exits with status 0 on SIGTERM or SIGINT.  Every request is logged as one line
 on stderr, when its response is finished:
-    [12:00:00.123] 127.0.0.1:40000 GET /disk.img?rate=100 range="bytes=0-" -> 206 sent=4096 (complete)
+    [12:00:00.123] 127.0.0.1:40000 GET /disk.img?rate=100 range='bytes=0-' -> 206 sent=4096 (complete)
+(an If-Range header, when sent, follows the range as if-range='"etag"').
 (the word in parentheses says how the body ended: complete, head, stall,
 reset, short, client-gone, gate-timeout, truncated, ...).  A caller that pipes
 stderr must keep reading it (or redirect it to a file).
@@ -68,6 +75,8 @@ relative to DIR ("..", if any, cannot leave DIR).
   redirect=N          if N > 0: answer 302 with Location: the same path and query
                       with redirect=N-1 (all other parameters kept).  At 0 the
                       request is served normally.  Evaluated before status=.
+  redirect_host=H     with redirect=N: the Location names host H (e.g.
+                      "localhost:8080") instead of the request's Host header.
   etag=VALUE          use VALUE as the ETag (quoted unless it already is quoted or
                       starts with W/).  etag=none sends no ETag at all.
                       Default ETag: a quoted hash of (file size, mtime_ns), so
@@ -135,7 +144,7 @@ DRAIN_MAX = 5.0            # longest wait for the send queue before a RST
 INT_PARAMS = {"rate", "gate_after", "stall_after", "reset_after", "short",
               "status", "redirect"}
 FLAG_PARAMS = {"nolength", "nohead", "norange", "nolastmod"}
-STR_PARAMS = {"gate", "etag", "once", "method"}
+STR_PARAMS = {"gate", "etag", "once", "method", "redirect_host"}
 TRUE_WORDS = {"", "1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 
@@ -233,9 +242,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, root, family):
+    def __init__(self, address, root, family, tls=None):
         self.address_family = family
         self.root = root
+        self.tls = tls                         # ssl.SSLContext or None
         self.counts = {}                       # (method, "/path") -> int
         self.lock = threading.Lock()           # guards counts and once markers
         super().__init__(address, Handler)
@@ -244,6 +254,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # Like HTTPServer.server_bind, minus the (possibly slow) getfqdn().
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            # The handshake happens in the handler's thread (Handler.setup), so a slow or
+            # refusing client never blocks accept().
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def count(self, method, path):
         with self.lock:
@@ -272,6 +290,24 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     # ----------------------------------------------------------------- entry
+
+    def setup(self):
+        if self.server.tls is not None:
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (OSError, ValueError) as exc:
+                sys.stderr.write(f"[{_now()}] {self.client_address[0]}:{self.client_address[1]} "
+                                 f"(tls-handshake-failed: {exc})\n")
+                sys.stderr.flush()
+                self._tls_failed = True
+            self.request.settimeout(None)
+        super().setup()
+
+    def handle(self):
+        if getattr(self, "_tls_failed", False):
+            return
+        super().handle()
 
     def do_GET(self):
         self._serve(head=False)
@@ -331,7 +367,7 @@ class Handler(BaseHTTPRequestHandler):
             return
 
         if params.get("redirect", 0) > 0:
-            self._redirect(split)
+            self._redirect(split, params.get("redirect_host"))
             return
 
         once = params.get("once")
@@ -448,12 +484,13 @@ class Handler(BaseHTTPRequestHandler):
         digest = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
         return f'"{digest[:20]}"'
 
-    def _redirect(self, split):
+    def _redirect(self, split, redirect_host=None):
         pairs = urllib.parse.parse_qsl(split.query, keep_blank_values=True)
         pairs = [(k, str(int(v) - 1) if k == "redirect" else v) for k, v in pairs]
         target = split.path + "?" + urllib.parse.urlencode(pairs)
-        host = self.headers.get("Host")
-        location = f"http://{host}{target}" if host else target
+        host = redirect_host or self.headers.get("Host")
+        scheme = "https" if self.server.tls is not None else "http"
+        location = f"{scheme}://{host}{target}" if host else target
         self._text_response(302, f"redirect to {target}\n", self.command == "HEAD",
                             extra=[("Location", location)])
 
@@ -506,6 +543,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _peer_gone(self):
         """Non-blocking check whether the client closed the connection."""
+        if self.server.tls is not None:
+            # TLS records cannot be read half-way: peek at the raw socket instead.
+            try:
+                data = socket.socket.recv(self.connection, 1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            return not data
         try:
             data = self.connection.recv(65536, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -570,8 +616,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _log_line(self):
         rng = self.headers.get("Range") if self.headers else None
+        if_range = self.headers.get("If-Range") if self.headers else None
         line = (f"[{_now()}] {self.client_address[0]}:{self.client_address[1]} "
                 f"{self.command} {self.path} range={'-' if rng is None else repr(rng)}"
+                f"{'' if if_range is None else ' if-range=' + repr(if_range)}"
                 f" -> {self._status if self._status is not None else '-'}"
                 f" sent={self._sent} ({self._outcome})\n")
         sys.stderr.write(line)
@@ -629,7 +677,16 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=0, help="port (0 = any free port)")
     parser.add_argument("--port-file", help="write the chosen port to this file")
     parser.add_argument("--bind", default="127.0.0.1", help="loopback address to bind")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     args = parser.parse_args(argv)
+    tls = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        sys.exit("httpd.py: --tls-cert and --tls-key go together")
+    if args.tls_cert:
+        import ssl
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
 
     root = os.path.abspath(args.root)
     if not os.path.isdir(root):
@@ -642,13 +699,14 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    server = Server((host, args.port), root, family)
+    server = Server((host, args.port), root, family, tls)
     try:
         port = server.server_address[1]
         if args.port_file:
             _write_port_file(args.port_file, port)
         print(f"PORT {port}", flush=True)
-        sys.stderr.write(f"[{_now()}] serving {root} on {host} port {port}\n")
+        sys.stderr.write(f"[{_now()}] serving {root} on {host} port {port}"
+                         f"{' (https)' if tls else ''}\n")
         sys.stderr.flush()
         server.serve_forever(poll_interval=0.2)
     except _Stop:

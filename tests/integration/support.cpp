@@ -109,7 +109,9 @@ void touch(const std::string& path) {
     write_file(path, "");
 }
 
-HttpServer::HttpServer(const std::string& root) {
+HttpServer::HttpServer(const std::string& root, const std::string& tls_cert,
+                       const std::string& tls_key) {
+    if (!tls_cert.empty()) scheme_ = "https";
     std::string port_file = root + "/.port";
     ::unlink(port_file.c_str());
     pid_ = ::fork();
@@ -120,8 +122,13 @@ HttpServer::HttpServer(const std::string& root) {
         std::string log = root + "/.httpd.log";
         int logfd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
         ::dup2(logfd, 2);
-        ::execlp("python3", "python3", IMAGEFS_HTTPD, "--root", root.c_str(), "--port-file",
-                 port_file.c_str(), nullptr);
+        if (tls_cert.empty())
+            ::execlp("python3", "python3", IMAGEFS_HTTPD, "--root", root.c_str(), "--port-file",
+                     port_file.c_str(), nullptr);
+        else
+            ::execlp("python3", "python3", IMAGEFS_HTTPD, "--root", root.c_str(), "--port-file",
+                     port_file.c_str(), "--tls-cert", tls_cert.c_str(), "--tls-key",
+                     tls_key.c_str(), nullptr);
         ::_exit(127);
     }
     auto end = std::chrono::steady_clock::now() + 15s;
@@ -147,7 +154,7 @@ HttpServer::~HttpServer() {
 }
 
 std::string HttpServer::url(const std::string& path_and_query) const {
-    return "http://127.0.0.1:" + std::to_string(port_) + "/" + path_and_query;
+    return scheme_ + "://127.0.0.1:" + std::to_string(port_) + "/" + path_and_query;
 }
 
 bool is_mounted(const std::string& mnt) {

@@ -41,10 +41,12 @@ std::string read_file(const std::string& path);
 std::string sha256_of(const std::string& path);
 void touch(const std::string& path);
 
-// The project's scriptable HTTP server (tests/httpd.py) on 127.0.0.1, serving `root`.
+// The project's scriptable HTTP server (tests/httpd.py) on 127.0.0.1, serving `root`; HTTPS when
+// given a certificate and key (PEM files). Its log is root + "/.httpd.log".
 class HttpServer {
   public:
-    explicit HttpServer(const std::string& root);
+    explicit HttpServer(const std::string& root, const std::string& tls_cert = "",
+                        const std::string& tls_key = "");
     ~HttpServer();
     std::string url(const std::string& path_and_query) const;
     int port() const { return port_; }
@@ -52,6 +54,7 @@ class HttpServer {
   private:
     pid_t pid_ = -1;
     int port_ = 0;
+    std::string scheme_ = "http";
 };
 
 // imagefsd -f on a mountpoint. The destructor unmounts and fails the running test if the daemon

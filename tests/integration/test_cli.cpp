@@ -76,7 +76,8 @@ TEST_CASE("sources that cannot be imported fail with the reason", "[cli]") {
                           Case{c.http->url("missing-file"), "HTTP 404"},
                           Case{"http://127.0.0.1:1/nothing-listens-here", "127.0.0.1"}}) {
         INFO("source: " << k.source);
-        auto r = cli(c.state, {"import", "bad", k.source, "--wait"});
+        // --retries 0: HTTP 500 and a refused connection would otherwise be retried.
+        auto r = cli(c.state, {"import", "bad", k.source, "--wait", "--retries", "0"});
         CHECK(r.status == 1);
         CHECK(r.err.find("imagefs: import of 'bad' failed: ") != std::string::npos);
         CHECK(r.err.find(k.expect) != std::string::npos);
@@ -99,9 +100,10 @@ TEST_CASE("sources that cannot be imported fail with the reason", "[cli]") {
 
 TEST_CASE("retry imports a failed image again", "[cli]") {
     Catalogued c;
-    // Fails once with HTTP 500, then the server serves it normally.
-    auto r =
-        cli(c.state, {"import", "flaky", c.http->url("linux?status=500&once=flaked"), "--wait"});
+    // Fails once with HTTP 500 (not retried automatically: --retries 0), then the server serves
+    // it normally.
+    auto r = cli(c.state, {"import", "flaky", c.http->url("linux?status=500&once=flaked"), "--wait",
+                           "--retries", "0"});
     CHECK(r.status == 1);
     CHECK(state_of(c.state, "flaky") == "failed");
     r = cli(c.state, {"retry", "keep"});

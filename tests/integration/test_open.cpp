@@ -336,7 +336,8 @@ TEST_CASE("kill -9 of the daemon mid-import, then a restart, ends with the right
     REQUIRE(wait_state(env.state, "linux", "importing"));
     env.mount->kill9();
     CHECK(state_of(env.state, "linux") == "importing");
-    env.release();  // the next attempt is served in full
+    env.release();      // the next attempt is served in full
+    env.mount.reset();  // first: its destructor lazily unmounts whatever is mounted there
     env.mount = std::make_unique<Mount>(env.state, env.mnt);
     REQUIRE(wait_state(env.state, "linux", "active"));
     CHECK(sha256_of(env.path("linux")) == env.kernel_sha);
