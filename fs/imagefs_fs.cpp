@@ -113,6 +113,24 @@ ImageFs::ImageFs(const StateDir& dir, const DaemonOptions& opts)
 
 ImageFs::~ImageFs() {
     stop();
+    // Handles the kernel never released (the mount went away with files open).
+    std::lock_guard lk(handles_mu_);
+    for (Handle* h : handles_) {
+        if (!h->upload) ::close(h->fd);
+        delete h;
+    }
+    handles_.clear();
+}
+
+ImageFs::Handle* ImageFs::track(Handle* h) {
+    std::lock_guard lk(handles_mu_);
+    handles_.insert(h);
+    return h;
+}
+
+void ImageFs::untrack(Handle* h) {
+    std::lock_guard lk(handles_mu_);
+    handles_.erase(h);
 }
 
 void ImageFs::attach(fuse_session* se) {
@@ -379,7 +397,7 @@ void ImageFs::answer_open(fuse_req_t req, int64_t id, WaitOutcome outcome) {
                 return;
             }
             fuse_file_info fi{};
-            auto* h = new Handle{fd, id, nullptr, false, 0};
+            auto* h = track(new Handle{fd, id, nullptr, false, 0});
             fi.fh = reinterpret_cast<uint64_t>(h);
             fi.keep_cache = 1;                     // the bytes of an active image never change
             if (fuse_reply_open(req, &fi) != 0) {  // the caller went away
@@ -518,7 +536,8 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
             auto up = attach_writer(row->id, process);
             if (!up) fail_errno(compat::kImageWriteErrno);
             if (fi->flags & O_TRUNC) up->truncate(0);
-            fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, true, process});
+            fi->fh =
+                reinterpret_cast<uint64_t>(track(new Handle{up->fd(), row->id, up, true, process}));
             fi->keep_cache = 0;
             if (fuse_reply_open(req, fi) != 0) release(nullptr, fi);
             return;
@@ -526,7 +545,7 @@ void ImageFs::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         if (auto up = upload_of(row->id);
             up && up->is_writer(thread_group_of(fuse_req_ctx(req)->pid))) {
             // The writer reads its own upload back (qemu-img does); nobody else sees it.
-            fi->fh = reinterpret_cast<uint64_t>(new Handle{up->fd(), row->id, up, false, 0});
+            fi->fh = reinterpret_cast<uint64_t>(track(new Handle{up->fd(), row->id, up, false, 0}));
             fi->keep_cache = 0;
             if (fuse_reply_open(req, fi) != 0) release(nullptr, fi);
             return;
@@ -589,7 +608,7 @@ void ImageFs::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t
         changed_catalog(row);
         spdlog::info("upload of '{}' started (pid {})", row.name, ctx->pid);
         fuse_entry_param e = entry_of(row);
-        fi->fh = reinterpret_cast<uint64_t>(new Handle{fd, row.id, up, true, process});
+        fi->fh = reinterpret_cast<uint64_t>(track(new Handle{fd, row.id, up, true, process}));
         fi->keep_cache = 0;
         if (fuse_reply_create(req, &e, fi) != 0) {
             forget(e.ino, 1);
@@ -652,6 +671,7 @@ void ImageFs::fsync(fuse_req_t req, fuse_file_info* fi) {
 
 void ImageFs::release(fuse_req_t req, fuse_file_info* fi) {
     std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
+    untrack(h.get());
     if (!h->upload) {
         ::close(h->fd);
     } else if (h->writes && h->upload->remove_writer(h->process)) {

@@ -43,6 +43,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/options.hpp"
 #include "core/statedir.hpp"
@@ -122,6 +123,8 @@ class ImageFs : public ImportListener {
         WaitOutcome outcome = WaitOutcome::ready;
     };
 
+    Handle* track(Handle* h);  // every open handle, so that none outlives the daemon
+    void untrack(Handle* h);
     std::optional<ImageRow> image_for(
         fuse_ino_t ino) const;  // live row, or a removed one still known
     ImageRow require_image(fuse_ino_t ino) const;
@@ -166,6 +169,9 @@ class ImageFs : public ImportListener {
     bool stopping_ = false;
     std::thread event_thread_;
     UploadPublisher publisher_;
+
+    std::mutex handles_mu_;  // handles_ (a leaf)
+    std::unordered_set<Handle*> handles_;
 
     std::atomic<fuse_session*> se_{nullptr};
     std::string device_;
