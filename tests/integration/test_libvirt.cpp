@@ -12,6 +12,7 @@
 #include <linux/kvm.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -184,6 +185,18 @@ class KvmAccess {
 class Libvirtd {
   public:
     Libvirtd() {
+        // One libvirtd per machine: other test runs (another build tree, another worktree) wait
+        // for this lock rather than fail on the daemon already running.
+        lock_fd_ =
+            ::open("/run/lock/imagefs-libvirt-tests.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        REQUIRE(lock_fd_ >= 0);
+        auto give_up = std::chrono::steady_clock::now() + 240s;
+        while (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+            if (std::chrono::steady_clock::now() > give_up)
+                FAIL(
+                    "another libvirt test run held /run/lock/imagefs-libvirt-tests.lock for 240 s");
+            std::this_thread::sleep_for(200ms);
+        }
         ensure_qemu_account();
         kvm_ = std::make_unique<KvmAccess>();
         if (!socket_alive(kVirtlogdSocket)) {
@@ -208,8 +221,9 @@ class Libvirtd {
         while (std::chrono::steady_clock::now() < end) {
             if (auto st = reap(libvirtd_, 0ms)) {
                 libvirtd_ = -1;
-                FAIL("libvirtd exited with " << *st << ":\n"
-                                             << read_file(dir_ / "libvirtd.out") << log_tail());
+                FAIL("libvirtd exited with "
+                     << *st << " (is another libvirtd running? pgrep -a libvirtd):\n"
+                     << read_file(dir_ / "libvirtd.out") << log_tail());
             }
             if (virsh({"version"}, 20s).status == 0) return;
             std::this_thread::sleep_for(200ms);
@@ -225,6 +239,8 @@ class Libvirtd {
             if (name.rfind("imagefs-", 0) == 0) virsh({"pool-destroy", name}, 60s);
         stop(libvirtd_, 30s);
         stop(virtlogd_, 10s);
+        kvm_.reset();
+        if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the machine-wide lock
     }
 
     Libvirtd(const Libvirtd&) = delete;
@@ -288,6 +304,7 @@ class Libvirtd {
     std::unique_ptr<KvmAccess> kvm_;
     pid_t libvirtd_ = -1;
     pid_t virtlogd_ = -1;
+    int lock_fd_ = -1;
 };
 
 // ---- images and the mount ---------------------------------------------------------------------
