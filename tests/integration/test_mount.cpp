@@ -552,8 +552,9 @@ TEST_CASE("mount: SIGTERM, SIGINT and umount stop the daemon cleanly mid-import"
         CHECK(*st == 0);
     }
     CHECK(contains(read_file(p.log), "stopped"));
-    // The interrupted import is still the catalog's, and continues at the next mount.
-    CHECK(state_of(p.state, "linux") == "importing");
+    // The interrupted import is still the catalog's, and continues at the next mount. (After
+    // "mount again" the new daemon requeues it first: it is 'queued' until a worker takes it.)
+    CHECK(wait_state(p.state, "linux", "importing", 10s));
     if (mounts_on(p.mnt).empty()) mount();
     touch(www + "/go");
     REQUIRE(wait_state(p.state, "linux", "active"));
