@@ -1,10 +1,10 @@
 #include "fs/waiters.hpp"
 
-#include <signal.h>
 
 #include <vector>
 
 #include "core/signals.hpp"
+#include "core/thread.hpp"
 
 namespace imagefs {
 
@@ -15,11 +15,7 @@ WaitList::~WaitList() {
 }
 
 void WaitList::start() {
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    watcher_ = std::thread([this] { watch_loop(); });
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    watcher_ = spawn_quiet([this] { watch_loop(); });
 }
 
 void WaitList::stop() {

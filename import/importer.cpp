@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/error.hpp"
+#include "core/thread.hpp"
 #include "import/allowlist.hpp"
 #include "import/digest.hpp"
 #include "import/format.hpp"
@@ -81,7 +82,7 @@ class HashWriter {
             if (!p) throw std::bad_alloc();
             pool_.emplace_back(p);
         }
-        thread_ = std::thread([this] { run(); });
+        thread_ = spawn_quiet([this] { run(); });
     }
     ~HashWriter() {
         {
@@ -679,15 +680,10 @@ ImportManager::~ImportManager() {
 void ImportManager::start() {
     stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
     if (stop_fd_ < 0) throw_errno("eventfd", errno);
-    // Our threads never take the daemon's signals: the FUSE main loop handles those.
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    threads_.emplace_back([this] { control_loop(); });
-    threads_.emplace_back([this] { watch_loop(); });
+    threads_.push_back(spawn_quiet([this] { control_loop(); }));
+    threads_.push_back(spawn_quiet([this] { watch_loop(); }));
     for (int i = 0; i < std::max(1, opts_.max_concurrent); ++i)
-        threads_.emplace_back([this] { worker_loop(); });
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+        threads_.push_back(spawn_quiet([this] { worker_loop(); }));
 }
 
 void ImportManager::stop() {

@@ -1,6 +1,6 @@
 #include "import/upload.hpp"
 
-#include <signal.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/error.hpp"
+#include "core/thread.hpp"
 
 namespace imagefs {
 namespace {
@@ -44,10 +45,61 @@ void notify(Catalog& cat, ImportListener& listener, int64_t id) {
 }  // namespace
 
 Upload::Upload(int64_t id, int64_t token, int fd)
-    : id_(id), token_(token), fd_(fd), digest_(std::make_unique<Digest>(DigestAlgo::sha256)) {}
+    : id_(id), token_(token), fd_(fd), digest_(std::make_unique<Digest>(DigestAlgo::sha256)) {
+    hasher_ = spawn_quiet([this] { hash_loop(); });
+}
 
 Upload::~Upload() {
+    {
+        std::lock_guard lk(mu_);
+        stopping_ = true;
+    }
+    hash_cv_.notify_all();
+    hasher_.join();
     ::close(fd_);
+}
+
+void Upload::hash_loop() {
+    constexpr int64_t kChunk = 1 << 20;
+    constexpr int64_t kWriteback = 64 << 20;  // start writeback of what is hashed every 64 MiB
+    std::vector<char> buf(kChunk);
+    int64_t writeback_from = 0;
+    for (;;) {
+        int64_t from, len;
+        uint64_t gen;
+        {
+            std::unique_lock lk(mu_);
+            hash_cv_.wait(lk, [&] { return stopping_ || (in_order_ && hashed_ < written_); });
+            if (stopping_) return;
+            from = hashed_;
+            len = std::min(kChunk, written_ - hashed_);
+            gen = generation_;
+        }
+        ssize_t n;
+        do {
+            n = ::pread(fd_, buf.data(), static_cast<size_t>(len), from);
+        } while (n < 0 && errno == EINTR);
+        bool start_writeback = false;
+        {
+            std::lock_guard lk(mu_);
+            if (gen != generation_ || !in_order_ || hashed_ != from) continue;
+            if (n <= 0) {
+                // Cannot happen while the prefix stands (a truncate below it clears in_order_);
+                // the final pass over the file reports what is wrong.
+                in_order_ = false;
+            } else {
+                digest_->update(buf.data(), static_cast<size_t>(n));
+                hashed_ += n;
+                if (hashed_ - writeback_from >= kWriteback) start_writeback = true;
+            }
+        }
+        hash_cv_.notify_all();
+        if (start_writeback) {
+            ::sync_file_range(fd_, writeback_from, from + n - writeback_from,
+                              SYNC_FILE_RANGE_WRITE);
+            writeback_from = from + n;
+        }
+    }
 }
 
 void Upload::write(const char* data, size_t len, int64_t off) {
@@ -86,26 +138,34 @@ void Upload::write(const char* data, size_t len, int64_t off) {
     int64_t cur = size_.load();
     while (end > cur && !size_.compare_exchange_weak(cur, end)) {
     }
-    std::lock_guard lk(mu_);
-    if (alone && in_order_ && off == hashed_) {
-        digest_->update(data, len);
-        hashed_ += static_cast<int64_t>(len);
-    } else {
-        in_order_ = false;
+    {
+        std::lock_guard lk(mu_);
+        if (alone && in_order_ && off == written_) {
+            written_ = end;
+        } else {
+            in_order_ = false;
+        }
     }
+    hash_cv_.notify_all();
 }
 
 void Upload::truncate(int64_t size) {
     if (::ftruncate(fd_, size) != 0) throw_errno("cannot truncate upload data", errno);
-    size_.store(size);
-    std::lock_guard lk(mu_);
-    if (size == 0) {  // a fresh start: cp over an upload, O_TRUNC
-        digest_ = std::make_unique<Digest>(DigestAlgo::sha256);
-        hashed_ = 0;
-        in_order_ = true;
-    } else if (size < hashed_) {
-        in_order_ = false;
+    const int64_t old = size_.exchange(size);
+    {
+        std::lock_guard lk(mu_);
+        if (size == 0) {  // a fresh start: cp over an upload, O_TRUNC
+            digest_ = std::make_unique<Digest>(DigestAlgo::sha256);
+            written_ = hashed_ = 0;
+            ++generation_;
+            in_order_ = true;
+        } else if (size < written_) {
+            in_order_ = false;
+        } else if (in_order_ && written_ == old) {
+            written_ = size;  // grown with zeros (cp of a sparse file ends with a hole this way)
+        }
     }
+    hash_cv_.notify_all();
 }
 
 void Upload::add_writer(pid_t process) {
@@ -140,10 +200,16 @@ std::optional<std::string> Upload::failure() const {
     return failure_;
 }
 
+bool Upload::streamed() const {
+    std::lock_guard lk(mu_);
+    return in_order_ && written_ == size_.load();
+}
+
 std::string Upload::sha256() {
     const int64_t size = size_.load();
     {
-        std::lock_guard lk(mu_);
+        std::unique_lock lk(mu_);
+        hash_cv_.wait(lk, [&] { return !in_order_ || hashed_ >= written_; });
         if (in_order_ && hashed_ == size) return digest_->hex();
     }
     spdlog::debug("upload #{} was not written in order: hashing it again", id_);
@@ -208,11 +274,7 @@ UploadPublisher::~UploadPublisher() {
 }
 
 void UploadPublisher::start() {
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    thread_ = std::thread([this] { loop(); });
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    thread_ = spawn_quiet([this] { loop(); });
 }
 
 void UploadPublisher::stop() {

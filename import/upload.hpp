@@ -1,8 +1,12 @@
 // Images written into the mount ("uploads"), without any FUSE: the file system calls these.
 //
 // An upload is an image in state importing whose bytes come from writers through the mount. Its
-// bytes go to STATE_DIR/staging/ID.part. Writes in order are hashed as they arrive; anything else
-// (a seek back, parallel writers, a truncate) makes publish_upload hash the finished file again.
+// bytes go to STATE_DIR/staging/ID.part. While writes arrive in order, a thread of the upload's own
+// reads back the prefix written so far (from the page cache) and hashes it, so that a writer's
+// write() returns once its bytes are stored, and the hash costs the writer nothing; that thread
+// also starts writeback as it goes, so the fsync at publication is short. Anything else (a seek
+// back, parallel writers, a truncate below what was written) makes publish_upload hash the
+// finished file again.
 // Aligned 4 KiB blocks of zeros written past the end of the file are not stored (they become
 // holes), so sparse images stay sparse.
 #pragma once
@@ -57,20 +61,30 @@ class Upload {
     // else a fresh pass over the file. Call once, after the last writer left.
     std::string sha256();
 
+    // Whether every byte so far arrived in order, so that sha256() will not read the file again.
+    bool streamed() const;
+
   private:
     const int64_t id_;
     const int64_t token_;
     const int fd_;
+    void hash_loop();
+
     std::atomic<int> in_flight_{0};
     std::atomic<int64_t> size_{0};
 
     // Lock order: mu_ is a leaf; never held across a syscall.
     mutable std::mutex mu_;
+    std::condition_variable hash_cv_;  // with mu_: more to hash, hashing caught up, or stopping
     std::unique_ptr<Digest> digest_;
-    int64_t hashed_ = 0;
+    int64_t written_ = 0;  // end of the prefix written in order
+    int64_t hashed_ = 0;   // end of the prefix hashed (<= written_)
+    uint64_t generation_ = 0;  // bumped when a truncate to 0 starts the file again
     bool in_order_ = true;
+    bool stopping_ = false;
     std::multiset<pid_t> writers_;
     std::optional<std::string> failure_;
+    std::thread hasher_;  // last: started once the members above exist
 };
 
 // Hashes a whole file with `algo`, reading it with pread.
