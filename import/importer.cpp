@@ -64,13 +64,18 @@ class ResumedMismatch : public Error {
     explicit ResumedMismatch(const std::string& what) : Error(Errc::failed, what) {}
 };
 
-// Hashes and writes what an import receives on a thread of its own, so that receiving (in the
-// fetch's thread) and hashing + writing (here) run on two cores. Data goes through a small pool of
-// page-aligned buffers: the fetch's thread copies into one, and when it is full this thread
-// hashes it and writes it with one pwrite per run of non-zero 4 KiB blocks (blocks of zeros at
-// 4 KiB file offsets stay holes, so sparse images stay sparse). Every byte is hashed in file order.
+// Hashes and writes what an import receives, in a pipeline of three threads: the fetch's thread
+// copies the stream into a small pool of page-aligned buffers; a hashing thread hashes each full
+// buffer in file order while it is still in the CPU's cache; a writing thread writes it with one
+// pwrite per run of non-zero 4 KiB blocks (blocks of zeros at 4 KiB file offsets stay holes, so
+// sparse images stay sparse) and returns the buffer to the pool. Receiving, hashing and writing
+// thus overlap on two cores, and the writer may block on the disk (O_DIRECT) without holding
+// up the hash.
 class HashWriter {
   public:
+    // `write_at` gets runs whose offset, length and address are 4 KiB aligned whenever the
+    // buffer they come from starts at an aligned offset (all but the first after a resume, and
+    // the last).
     using WriteAt = std::function<void(const char*, size_t, int64_t)>;
     using SyncFrom = std::function<void(int64_t, int64_t)>;
 
@@ -78,11 +83,12 @@ class HashWriter {
         : sha512_wanted_(sha512), write_at_(std::move(write_at)), sync_from_(std::move(sync_from)) {
         reset_digests();
         for (int i = 0; i < kBuffers; ++i) {
-            char* p = static_cast<char*>(std::aligned_alloc(4096, kBufSize));
+            char* p = static_cast<char*>(std::aligned_alloc(kBlock, kBufSize));
             if (!p) throw std::bad_alloc();
             pool_.emplace_back(p);
         }
-        thread_ = spawn_quiet([this] { run(); });
+        hasher_ = spawn_quiet([this] { run_hash(); });
+        writer_ = spawn_quiet([this] { run_write(); });
     }
     ~HashWriter() {
         {
@@ -90,7 +96,8 @@ class HashWriter {
             stop_ = true;
         }
         cv_.notify_all();
-        thread_.join();
+        hasher_.join();
+        writer_.join();
     }
     HashWriter(const HashWriter&) = delete;
     HashWriter& operator=(const HashWriter&) = delete;
@@ -98,13 +105,19 @@ class HashWriter {
     // The fetch's thread: appends bytes at the end of the file.
     void append(const char* data, size_t len) {
         while (len > 0) {
-            if (!cur_) cur_ = take_free();
-            size_t n = std::min(len, kBufSize - cur_len_);
+            if (!cur_) {
+                cur_ = take_free();
+                // After a resume at an unaligned offset the first buffer only fills up to the
+                // next 4 KiB boundary, so that every later one starts aligned.
+                auto mis = static_cast<size_t>(end_ % int64_t(kBlock));
+                cur_cap_ = mis ? kBlock - mis : kBufSize;
+            }
+            size_t n = std::min(len, cur_cap_ - cur_len_);
             std::memcpy(cur_.get() + cur_len_, data, n);
             cur_len_ += n;
             data += n;
             len -= n;
-            if (cur_len_ == kBufSize) submit();
+            if (cur_len_ == cur_cap_) submit();
         }
     }
 
@@ -112,7 +125,7 @@ class HashWriter {
     void drain() {
         if (cur_len_ > 0) submit();
         std::unique_lock lk(mu_);
-        cv_.wait(lk, [&] { return (queue_.empty() && busy_ == 0) || error_; });
+        cv_.wait(lk, [&] { return in_flight_ == 0 || error_; });
         if (error_) std::rethrow_exception(error_);
     }
 
@@ -140,8 +153,9 @@ class HashWriter {
     }
 
   private:
-    static constexpr size_t kBufSize = 256 << 10;  // fits in L2: hashed and written while hot
-    static constexpr int kBuffers = 8;
+    static constexpr size_t kBlock = 4096;
+    static constexpr size_t kBufSize = 256 << 10;  // fits in L2: hashed while hot
+    static constexpr int kBuffers = 16;
     static constexpr int64_t kWritebackStep = 64 << 20;
     struct Free {
         void operator()(char* p) const { std::free(p); }
@@ -173,47 +187,76 @@ class HashWriter {
         cur_len_ = 0;
         {
             std::lock_guard lk(mu_);
-            queue_.push_back(std::move(j));
+            ++in_flight_;
+            to_hash_.push_back(std::move(j));
         }
         cv_.notify_all();
     }
 
-    void run() {
-        for (;;) {
-            Job j;
-            {
-                std::unique_lock lk(mu_);
-                cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !error_); });
-                if (stop_) return;
-                j = std::move(queue_.front());
-                queue_.pop_front();
-                ++busy_;
-            }
-            try {
-                sha256_->update(j.buf.get(), j.len);
-                if (sha512_) sha512_->update(j.buf.get(), j.len);
-                write_holey(j.buf.get(), j.len, j.offset);
-                // Start writing back what is complete, so the final fsync has little left to do.
-                int64_t done = j.offset + static_cast<int64_t>(j.len);
-                if (done - written_back_ >= kWritebackStep) {
-                    sync_from_(written_back_, done - written_back_);
-                    written_back_ = done;
+    // Takes the next job of `q`, or nothing once stopping. Jobs are still taken after an error,
+    // and passed on untouched, so that every buffer returns to the pool.
+    std::optional<Job> next(std::deque<Job>& q) {
+        std::unique_lock lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !q.empty(); });
+        if (stop_) return std::nullopt;
+        Job j = std::move(q.front());
+        q.pop_front();
+        return j;
+    }
+
+    void failed() {
+        std::lock_guard lk(mu_);
+        if (!error_) error_ = std::current_exception();
+    }
+
+    bool has_failed() {
+        std::lock_guard lk(mu_);
+        return error_ != nullptr;
+    }
+
+    void run_hash() {
+        while (auto j = next(to_hash_)) {
+            if (!has_failed()) {
+                try {
+                    sha256_->update(j->buf.get(), j->len);
+                    if (sha512_) sha512_->update(j->buf.get(), j->len);
+                } catch (...) {
+                    failed();
                 }
-            } catch (...) {
-                std::lock_guard lk(mu_);
-                error_ = std::current_exception();
             }
             {
                 std::lock_guard lk(mu_);
-                --busy_;
-                pool_.push_back(std::move(j.buf));
+                to_write_.push_back(std::move(*j));
+            }
+            cv_.notify_all();
+        }
+    }
+
+    void run_write() {
+        while (auto j = next(to_write_)) {
+            if (!has_failed()) {
+                try {
+                    write_holey(j->buf.get(), j->len, j->offset);
+                    // Start writing back what is complete, so the final fsync has little left.
+                    int64_t done = j->offset + static_cast<int64_t>(j->len);
+                    if (done - written_back_ >= kWritebackStep) {
+                        sync_from_(written_back_, done - written_back_);
+                        written_back_ = done;
+                    }
+                } catch (...) {
+                    failed();
+                }
+            }
+            {
+                std::lock_guard lk(mu_);
+                --in_flight_;
+                pool_.push_back(std::move(j->buf));
             }
             cv_.notify_all();
         }
     }
 
     void write_holey(const char* p, size_t len, int64_t base) {
-        constexpr size_t kBlock = 4096;
         size_t run_start = 0, i = 0;
         bool in_run = false;
         while (i < len) {
@@ -238,20 +281,23 @@ class HashWriter {
     // Owned by the fetch's thread.
     Buf cur_;
     size_t cur_len_ = 0;
+    size_t cur_cap_ = kBufSize;
     int64_t end_ = 0;  // file offset where cur_ starts
-    // Used by the worker only while it holds a job, by others only after drain().
+    // The digests belong to the hashing thread while jobs are in flight, to others after drain().
     std::unique_ptr<Digest> sha256_;
     std::unique_ptr<Digest> sha512_;
-    int64_t written_back_ = 0;
+    int64_t written_back_ = 0;  // the writing thread's, as the digests are the hasher's
     // Lock order: mu_ is a leaf, never held while hashing, writing or calling out.
     std::mutex mu_;
     std::condition_variable cv_;
-    std::deque<Job> queue_;
+    std::deque<Job> to_hash_;
+    std::deque<Job> to_write_;
     std::vector<Buf> pool_;
-    int busy_ = 0;
+    int in_flight_ = 0;  // submitted and not yet back in the pool
     bool stop_ = false;
     std::exception_ptr error_;
-    std::thread thread_;
+    std::thread hasher_;
+    std::thread writer_;
 };
 
 // Writes the stream into the staging file through a HashWriter, reports progress to the listener
@@ -269,6 +315,7 @@ class StagingSink : public ByteSink {
           opts_(opts),
           cancel_(cancel),
           listener_(listener),
+          direct_(::open(dir.staging_path(row.id).c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC)),
           writer_(
               row.expected_sha512.has_value(),
               [this](const char* p, size_t n, int64_t off) { pwrite_all(p, n, off); },
@@ -425,10 +472,17 @@ class StagingSink : public ByteSink {
         }
     }
 
-    // Called on the writer's thread.
+    // Called on the writer's thread. Aligned runs (all but the tail of the stream and the first
+    // run after an unaligned resume) bypass the page cache: copying them into it cost more CPU
+    // than hashing them, and the final fsync then has nothing left to write back. File systems
+    // without O_DIRECT (tmpfs) get buffered writes throughout.
     void pwrite_all(const char* p, size_t n, int64_t off) {
+        constexpr uintptr_t kAlign = 4096;
+        const bool aligned = direct_.get() >= 0 && reinterpret_cast<uintptr_t>(p) % kAlign == 0 &&
+                             n % kAlign == 0 && static_cast<uint64_t>(off) % kAlign == 0;
+        const int fd = aligned ? direct_.get() : fd_;
         while (n > 0) {
-            ssize_t w = ::pwrite(fd_, p, n, off);
+            ssize_t w = ::pwrite(fd, p, n, off);
             if (w < 0 && errno == EINTR) continue;
             if (w < 0) {
                 int err = errno;
@@ -461,6 +515,7 @@ class StagingSink : public ByteSink {
     Clock::time_point last_flush_ = Clock::now();
     Clock::time_point last_checkpoint_ = Clock::now();
     Clock::time_point last_data_ = Clock::now();
+    Fd direct_;          // the staging file opened with O_DIRECT, or -1
     HashWriter writer_;  // last: its thread stops before the members it uses go
 };
 
