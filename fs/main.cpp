@@ -379,6 +379,7 @@ int run(DaemonOptions o) {
 
     fuse_loop_config* cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_max_threads(cfg, 16);
+    fuse_loop_cfg_set_idle_threads(cfg, 16);
     ::pthread_sigmask(SIG_UNBLOCK, &stop_set, nullptr);
     int rc = fuse_session_loop_mt(se, cfg);
     fuse_loop_cfg_destroy(cfg);
