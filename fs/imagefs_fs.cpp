@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/xattr.h>
@@ -117,10 +118,17 @@ ImageFs::~ImageFs() {
     // Handles the kernel never released (the mount went away with files open).
     std::lock_guard lk(handles_mu_);
     for (Handle* h : handles_) {
-        if (!h->upload) ::close(h->fd);
+        h->close_fd();
         delete h;
     }
     handles_.clear();
+}
+
+void ImageFs::Handle::close_fd() {
+    if (map) ::munmap(const_cast<char*>(map), map_len);
+    map = nullptr;
+    if (!upload && fd >= 0) ::close(fd);
+    fd = -1;
 }
 
 ImageFs::Handle* ImageFs::track(Handle* h) {
@@ -393,12 +401,21 @@ void ImageFs::answer_open(fuse_req_t req, int64_t id, WaitOutcome outcome) {
                 fuse_reply_err(req, e == ENOENT ? ENOENT : EIO);
                 return;
             }
+            auto* h = new Handle{fd, id, nullptr, false, 0};
+            struct stat st {};
+            if (::fstat(fd, &st) == 0 && st.st_size > 0) {
+                void* m = ::mmap(nullptr, size_t(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+                if (m != MAP_FAILED) {
+                    h->map = static_cast<const char*>(m);
+                    h->map_len = size_t(st.st_size);
+                }
+            }
             fuse_file_info fi{};
-            auto* h = track(new Handle{fd, id, nullptr, false, 0});
-            fi.fh = reinterpret_cast<uint64_t>(h);
+            fi.fh = reinterpret_cast<uint64_t>(track(h));
             fi.keep_cache = 1;                     // the bytes of an active image never change
             if (fuse_reply_open(req, &fi) != 0) {  // the caller went away
-                ::close(fd);
+                untrack(h);
+                h->close_fd();
                 delete h;
             }
             return;
@@ -629,6 +646,12 @@ void ImageFs::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t
 
 void ImageFs::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
     auto* h = reinterpret_cast<Handle*>(fi->fh);
+    if (h->map) {
+        // Active images never change size: the mapping covers every byte there is.
+        size_t n = off < 0 || size_t(off) >= h->map_len ? 0 : std::min(size, h->map_len - off);
+        fuse_reply_buf(req, n ? h->map + off : nullptr, n);
+        return;
+    }
     fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
     buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
     buf.buf[0].fd = h->fd;
@@ -682,11 +705,9 @@ void ImageFs::fsync(fuse_req_t req, fuse_file_info* fi) {
 void ImageFs::release(fuse_req_t req, fuse_file_info* fi) {
     std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
     untrack(h.get());
-    if (!h->upload) {
-        ::close(h->fd);
-    } else if (h->writes && h->upload->remove_writer(h->process)) {
+    h->close_fd();
+    if (h->upload && h->writes && h->upload->remove_writer(h->process))
         publisher_.submit(h->upload);  // published after the grace period unless a writer returns
-    }
     if (req) fuse_reply_err(req, 0);
 }
 

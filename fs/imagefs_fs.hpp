@@ -113,6 +113,13 @@ class ImageFs : public ImportListener {
         std::shared_ptr<Upload> upload;  // set for handles on an upload in progress
         bool writes = false;             // counted as a writer of `upload`
         pid_t process = 0;               // the writer's process
+        // An active image's bytes, mapped read-only: reads are answered from the mapping, so the
+        // data is copied once (page cache to the kernel's request) and the backing file's own
+        // readahead feeds it. libfuse 3.14 cannot splice from a file whose pages are not cached
+        // yet (its non-blocking splice gets EAGAIN and it falls back to a fresh buffer per reply).
+        const char* map = nullptr;
+        size_t map_len = 0;
+        void close_fd();  // closes what the handle owns
     };
     // Work for the event thread, in order: kernel cache invalidations, then waiter answers.
     struct Notice {
