@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -48,13 +49,23 @@ bool exists(const std::string& path) {
 }
 
 // `cmake --install` of this build into PREFIX (with DESTDIR when given).
-Result install_build(const std::string& prefix, const std::string& destdir = "") {
+// Installs take turns (a lock file in the build directory), because every install rewrites the
+// build's install_manifest.txt; `manifest` receives this install's manifest when given.
+Result install_build(const std::string& prefix, const std::string& destdir = "",
+                     std::string* manifest = nullptr) {
     std::vector<std::string> argv;
     if (!destdir.empty()) argv = {"env", "DESTDIR=" + destdir};
     for (const char* a : {CMAKE_COMMAND, "--install", IMAGEFS_BUILD_DIR, "--prefix"})
         argv.push_back(a);
     argv.push_back(prefix);
-    return run(argv);
+    const std::string lock_path = std::string(IMAGEFS_BUILD_DIR) + "/.install-test.lock";
+    int lock = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    REQUIRE(lock >= 0);
+    REQUIRE(::flock(lock, LOCK_EX) == 0);
+    Result r = run(argv);
+    if (manifest) *manifest = read_file(std::string(IMAGEFS_BUILD_DIR) + "/install_manifest.txt");
+    ::close(lock);
+    return r;
 }
 
 // The build installed into a temporary prefix, and that prefix's sbin laid over /sbin in a mount
@@ -250,9 +261,16 @@ TEST_CASE("mount: cmake --install puts binaries, helpers, units and man pages un
     TempDir t;
     const std::string dest = t / "dest";
     const bool system_helper_before = exists("/sbin/mount.imagefs");
-    auto r = install_build("/usr/local", dest);
+    std::string manifest;
+    auto r = install_build("/usr/local", dest, &manifest);
     INFO(r.out << r.err);
     REQUIRE(r.status == 0);
+    // Every installed file is in the manifest (what people uninstall from), and only those.
+    std::istringstream listed(manifest);
+    std::set<std::string> in_manifest;
+    for (std::string line; std::getline(listed, line);)
+        if (!line.empty()) in_manifest.insert(line);
+    CHECK(in_manifest.size() == 11);
     for (const char* f :
          {"/usr/local/sbin/imagefsd", "/usr/local/bin/imagefs", "/sbin/mount.imagefs",
           "/sbin/mount.fuse.imagefs", "/usr/local/lib/systemd/system/imagefs@.service",
@@ -263,6 +281,7 @@ TEST_CASE("mount: cmake --install puts binaries, helpers, units and man pages un
           "/usr/local/share/doc/imagefs/examples/fstab.example"}) {
         INFO(f);
         CHECK(exists(dest + f));
+        CHECK(in_manifest.count(f) == 1);  // listed without DESTDIR
     }
     for (const char* f : {"/usr/local/sbin/imagefsd", "/sbin/mount.imagefs",
                           "/sbin/mount.fuse.imagefs", "/usr/local/bin/imagefs"}) {
