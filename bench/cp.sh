@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # cp into and out of an imagefs mount, against cp on the state directory's own file system, in the
 # same run. Usage: bench/cp.sh [SIZE_MIB] (default 2048). Needs root; builds imagefs if needed.
-# Reports seconds and ratios; each figure is the best of RUNS (default 3).
+# RUNS (default 3) rounds; each prints its figures, and the summary gives medians and ratios.
+# Within a round the direct and the mount steps alternate which goes first, so that neither always
+# finds the disk (or the host's cache under a VM) in the state the other left it in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-2048}
@@ -14,35 +16,54 @@ rm -rf "$work"; mkdir -p "$work/mnt" "$work/direct"
 echo "creating a ${size_mib} MiB file of random data in $work"
 head -c $((size_mib * 1024 * 1024)) /dev/urandom > "$work/src.img"
 build/fs/imagefsd "$work/state" "$work/mnt"
+cli() { build/cli/imagefs --state "$work/state" "$@"; }
 
-best() { sort -n | head -1; }
-timed() { local t0 t1; t0=$(date +%s.%N); "$@"; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+now() { date +%s.%N; }
+timed() { local t0; t0=$(now); "$@"; echo "$(now) - $t0" | bc -l; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-in_direct=(); in_mnt=(); in_active=(); out_direct=(); out_mnt=()
-for i in $(seq "$runs"); do
+copy_in_direct() {
   rm -f "$work/direct/copy.img"; drop
   in_direct+=("$(timed sh -c "cp '$work/src.img' '$work/direct/copy.img' && sync -f '$work/direct/copy.img'")")
+}
+copy_in_mount() {
   rm -f "$work/mnt/copy.img"; drop
-  t0=$(date +%s.%N)
-  cp "$work/src.img" "$work/mnt/copy.img"
-  t1=$(date +%s.%N)
-  build/cli/imagefs --state "$work/state" status copy.img --wait >/dev/null 2>&1
-  t2=$(date +%s.%N)
-  in_mnt+=("$(echo "$t1 - $t0" | bc -l)")
-  in_active+=("$(echo "$t2 - $t0" | bc -l)")
-  drop
-  out_direct+=("$(timed cp "$work/direct/copy.img" "$work/direct/out.img")")
-  rm -f "$work/direct/out.img"; drop
-  out_mnt+=("$(timed cp "$work/mnt/copy.img" "$work/direct/out.img")")
-  rm -f "$work/direct/out.img"
+  local t0 t1 t2
+  t0=$(now); cp "$work/src.img" "$work/mnt/copy.img"; t1=$(now)
+  cli status copy.img --wait >/dev/null 2>&1; t2=$(now)
+  in_mnt+=("$(echo "$t1 - $t0" | bc -l)"); in_active+=("$(echo "$t2 - $t0" | bc -l)")
+}
+copy_out() {  # SRC DEST ARRAY
+  drop; local t; t=$(timed cp "$1" "$2"); [ "$2" = /dev/null ] || rm -f "$2"
+  eval "$3+=(\"$t\")"
+}
+
+in_direct=(); in_mnt=(); in_active=(); out_direct=(); out_mnt=(); null_direct=(); null_mnt=()
+for i in $(seq "$runs"); do
+  if [ $((i % 2)) = 1 ]; then copy_in_direct; copy_in_mount; else copy_in_mount; copy_in_direct; fi
+  cmp "$work/src.img" "$work/mnt/copy.img"
+  for pass in 1 2; do
+    if [ $(((i + pass) % 2)) = 0 ]; then
+      copy_out "$work/direct/copy.img" "$work/direct/out.img" out_direct
+      copy_out "$work/mnt/copy.img" "$work/direct/out.img" out_mnt
+    else
+      copy_out "$work/mnt/copy.img" /dev/null null_mnt
+      copy_out "$work/direct/copy.img" /dev/null null_direct
+    fi
+  done
+  printf 'run %d: in %.2f / mount %.2f (active %.2f); out %.2f / mount %.2f; to /dev/null %.2f / mount %.2f\n' \
+    "$i" "${in_direct[-1]}" "${in_mnt[-1]}" "${in_active[-1]}" "${out_direct[-1]}" "${out_mnt[-1]}" \
+    "${null_direct[-1]}" "${null_mnt[-1]}"
 done
-a=$(printf '%s\n' "${in_direct[@]}" | best); b=$(printf '%s\n' "${in_mnt[@]}" | best)
-c=$(printf '%s\n' "${in_active[@]}" | best)
-d=$(printf '%s\n' "${out_direct[@]}" | best); e=$(printf '%s\n' "${out_mnt[@]}" | best)
-printf '\n%-44s %8s %8s\n' "${size_mib} MiB, best of $runs" seconds ratio
-printf '%-44s %8.2f %8s\n' "cp onto the state dir's fs (+ sync)" "$a" 1.00
-printf '%-44s %8.2f %8.2f\n' "cp into the mount (until cp returns)" "$b" "$(echo "$b / $a" | bc -l)"
-printf '%-44s %8.2f %8.2f\n' "cp into the mount (until verified, active)" "$c" "$(echo "$c / $a" | bc -l)"
-printf '%-44s %8.2f %8s\n' "cp from the state dir's fs (cold)" "$d" 1.00
-printf '%-44s %8.2f %8.2f\n' "cp out of the mount (cold)" "$e" "$(echo "$e / $d" | bc -l)"
+a=$(median "${in_direct[@]}"); b=$(median "${in_mnt[@]}"); c=$(median "${in_active[@]}")
+d=$(median "${out_direct[@]}"); e=$(median "${out_mnt[@]}")
+f=$(median "${null_direct[@]}"); g=$(median "${null_mnt[@]}")
+printf '\n%-48s %8s %8s\n' "${size_mib} MiB, median of $runs" seconds ratio
+printf '%-48s %8.2f %8s\n' "cp onto the state dir's fs (+ sync)" "$a" 1.00
+printf '%-48s %8.2f %8.2f\n' "cp into the mount (until cp returns)" "$b" "$(echo "$b / $a" | bc -l)"
+printf '%-48s %8.2f %8.2f\n' "cp into the mount (until verified, active)" "$c" "$(echo "$c / $a" | bc -l)"
+printf '%-48s %8.2f %8s\n' "cp from the state dir's fs to it (cold)" "$d" 1.00
+printf '%-48s %8.2f %8.2f\n' "cp out of the mount to the state dir's fs (cold)" "$e" "$(echo "$e / $d" | bc -l)"
+printf '%-48s %8.2f %8s\n' "cp from the state dir's fs to /dev/null (cold)" "$f" 1.00
+printf '%-48s %8.2f %8.2f\n' "cp out of the mount to /dev/null (cold)" "$g" "$(echo "$g / $f" | bc -l)"

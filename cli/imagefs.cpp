@@ -105,9 +105,12 @@ void print_status(const ImageRow& r) {
     if (r.sha512) line("sha512:", *r.sha512);
     if (r.expected_sha256) line("expected sha256:", *r.expected_sha256);
     if (r.expected_sha512) line("expected sha512:", *r.expected_sha512);
-    line("attempts:", std::to_string(r.attempts) + " (at most " +
-                          std::to_string(r.retry_limit() + 1) + ": " +
-                          std::to_string(r.retry_limit()) + " retries)");
+    if (r.kind == SourceKind::upload)  // written into the mount: one attempt, no retries
+        line("attempts:", std::to_string(r.attempts));
+    else
+        line("attempts:", std::to_string(r.attempts) + " (at most " +
+                              std::to_string(r.retry_limit() + 1) + ": " +
+                              std::to_string(r.retry_limit()) + " retries)");
     if (r.state == State::queued && r.next_attempt_at)
         line("next attempt:", when(*r.next_attempt_at));
     if (r.last_error) line("last error:", *r.last_error);
@@ -324,21 +327,30 @@ int main(int argc, char** argv) {
     list->add_flag("--json", as_json, "print JSON");
 
     auto* status = app.add_subcommand("status", "show one image");
-    status->add_option("NAME", name)->required();
+    status->add_option("NAME", name, "image name")->required();
     status->add_flag("--json", as_json, "print JSON");
     status->add_flag("--wait", wait, "follow until active (exit 0) or failed (exit 1)");
 
     auto* rm = app.add_subcommand("rm", "remove an image (waiting opens get ENOENT)");
-    rm->add_option("NAME", name)->required();
+    rm->add_option("NAME", name, "image name")->required();
 
     auto* retry = app.add_subcommand("retry", "import a failed image again");
-    retry->add_option("NAME", name)->required();
+    retry->add_option("NAME", name, "image name")->required();
     retry->add_flag("--wait", wait, "follow the import");
 
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-        return app.exit(e);
+        if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+        // Usage errors: one line naming the problem, a pointer to the help, exit status 2.
+        std::string what = e.what();
+        const auto& rest = app.remaining();
+        if (app.get_subcommands().empty() && !rest.empty())
+            what = "unknown command '" + rest.front() + "' (commands: import, list, status, rm, retry)";
+        std::string help = "imagefs --help";
+        for (const auto* sub : app.get_subcommands()) help = "imagefs " + sub->get_name() + " --help";
+        std::fprintf(stderr, "imagefs: %s\nimagefs: see '%s'\n", what.c_str(), help.c_str());
+        return 2;
     }
 
     try {

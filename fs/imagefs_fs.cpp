@@ -659,12 +659,17 @@ void ImageFs::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
     fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
+// How often a write records an upload's progress in the catalog (imports: progress_interval_ms).
+constexpr std::chrono::milliseconds kUploadProgressInterval{500};
+
 void ImageFs::write(fuse_req_t req, const char* data, size_t size, off_t off, fuse_file_info* fi) {
     reply_guarded(req, "write", [&] {
         auto* h = reinterpret_cast<Handle*>(fi->fh);
         if (!h->writes) fail_errno(EBADF);
         h->upload->write(data, size, off);
         registry_.set_progress(h->id, h->upload->size());
+        if (h->upload->progress_due(kUploadProgressInterval))
+            catalog().update_progress(h->id, h->upload->token(), h->upload->size());
         fuse_reply_write(req, size);
     });
 }

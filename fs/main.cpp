@@ -59,7 +59,7 @@ class Logging {
   public:
     explicit Logging(const DaemonOptions& o)
         : file_(o.log_file), sinks_(std::make_shared<spdlog::sinks::dist_sink_mt>()) {
-        if (file_.empty()) {
+        if (on_stderr_) {
             // Without -f, stderr is the caller's (mount(8), a boot log): say only what went
             // wrong there; the rest goes to syslog once detached.
             auto err = std::make_shared<spdlog::sinks::stderr_sink_mt>();
@@ -75,10 +75,15 @@ class Logging {
 
     // stderr is about to become /dev/null: without -o log_file, log to syslog from now on.
     void daemonized() {
-        if (file_.empty())
-            sinks_->set_sinks({std::make_shared<spdlog::sinks::syslog_sink_mt>("imagefsd", LOG_PID,
-                                                                               LOG_DAEMON, true)});
+        if (!on_stderr_) return;
+        sinks_->set_sinks({std::make_shared<spdlog::sinks::syslog_sink_mt>("imagefsd", LOG_PID,
+                                                                           LOG_DAEMON, true)});
+        on_stderr_ = false;
     }
+
+    // Whether the log still goes to the caller's stderr (so a fatal error printed there as
+    // "imagefsd: ..." need not be logged as well).
+    bool on_stderr() const { return on_stderr_; }
 
     // After logrotate renamed the file: write to a fresh file under the configured name.
     void reopen() {
@@ -94,7 +99,13 @@ class Logging {
 
   private:
     std::string file_;
+    bool on_stderr_ = file_.empty();
     std::shared_ptr<spdlog::sinks::dist_sink_mt> sinks_;
+};
+
+// libfuse refused an option: exit status 2, as for the daemon's own option errors.
+struct OptionError : Error {
+    using Error::Error;
 };
 
 sigset_t stop_signals() {
@@ -273,7 +284,15 @@ class Session {
         fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
         se_ = fuse_session_new(&args, &ImageFs::ops(), sizeof(fuse_lowlevel_ops), &fsimpl);
         fuse_opt_free_args(&args);
-        if (!se_) throw Error(Errc::invalid_argument, "cannot create the FUSE session (see above)");
+        if (!se_) {
+            std::string given;
+            for (const auto& f : o.fuse_options) given += (given.empty() ? "" : ",") + f;
+            throw OptionError(Errc::invalid_argument,
+                              given.empty() ? "libfuse refused to start a session (see above)"
+                                            : "libfuse does not accept the option(s) " + given +
+                                                  " (the line above names the unknown ones; "
+                                                  "imagefsd --help lists the options)");
+        }
     }
     ~Session() {
         unmount();
@@ -306,14 +325,42 @@ std::string absolute_path(const std::string& p) {
     return a;
 }
 
+// Refuses a mountpoint that cannot be one before anything is created. A dead mount (ENOTCONN) is
+// fine: it is cleared once the state directory is ours.
+void check_mountpoint(const std::string& mnt) {
+    struct stat st {};
+    if (::stat(mnt.c_str(), &st) != 0) {
+        int err = errno;
+        if (err == ENOTCONN) return;
+        if (err == ENOENT)
+            throw Error(Errc::not_found,
+                        "mountpoint " + mnt + " does not exist (create it: mkdir -p " + mnt + ")");
+        throw_errno("cannot use mountpoint " + mnt, err);
+    }
+    if (!S_ISDIR(st.st_mode))
+        throw Error(Errc::invalid_argument, "mountpoint " + mnt + " is not a directory");
+}
+
+int serve(const DaemonOptions& o, Logging& log);
+
 int run(DaemonOptions o) {
+    o.state_dir = absolute_path(o.state_dir);  // the daemon runs in /
+    o.mountpoint = absolute_path(o.mountpoint);
+    Logging log(o);
+    try {
+        return serve(o, log);
+    } catch (const std::exception& e) {
+        if (!log.on_stderr()) spdlog::critical("{}", e.what());  // main() prints it on stderr
+        throw;
+    }
+}
+
+int serve(const DaemonOptions& o, Logging& log) {
     // Blocked until the session loop runs; every thread started meanwhile inherits the mask.
     sigset_t stop_set = stop_signals();
     ::pthread_sigmask(SIG_BLOCK, &stop_set, nullptr);
 
-    o.state_dir = absolute_path(o.state_dir);  // the daemon runs in /
-    o.mountpoint = absolute_path(o.mountpoint);
-    Logging log(o);
+    check_mountpoint(o.mountpoint);
     StateDir dir(o.state_dir, true);
     DaemonLock lock(dir);
 
@@ -425,8 +472,10 @@ int main(int argc, char** argv) {
     }
     try {
         return run(o);
+    } catch (const OptionError& e) {
+        std::cerr << "imagefsd: " << e.what() << "\n";
+        return 2;
     } catch (const std::exception& e) {
-        spdlog::critical("{}", e.what());
         std::cerr << "imagefsd: " << e.what() << "\n";
         return 1;
     }

@@ -168,6 +168,13 @@ void Upload::truncate(int64_t size) {
     hash_cv_.notify_all();
 }
 
+bool Upload::progress_due(std::chrono::milliseconds interval) {
+    using namespace std::chrono;
+    const int64_t now = duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+    int64_t last = progress_at_ms_.load();
+    return now - last >= interval.count() && progress_at_ms_.compare_exchange_strong(last, now);
+}
+
 void Upload::add_writer(pid_t process) {
     std::lock_guard lk(mu_);
     writers_.insert(process);

@@ -43,6 +43,9 @@ class Upload {
     int64_t token() const { return token_; }
     int fd() const { return fd_; }
     int64_t size() const { return size_.load(); }
+    // True at most once per `interval` (across threads): time to record the progress in the
+    // catalog, as imports do, so that `imagefs status` and `list` follow uploads too.
+    bool progress_due(std::chrono::milliseconds interval);
 
     // Throws Error (no_space, io); a failed write also fails the upload.
     void write(const char* data, size_t len, int64_t off);
@@ -72,6 +75,7 @@ class Upload {
 
     std::atomic<int> in_flight_{0};
     std::atomic<int64_t> size_{0};
+    std::atomic<int64_t> progress_at_ms_{0};  // steady clock, last progress_due() == true
 
     // Lock order: mu_ is a leaf; never held across a syscall.
     mutable std::mutex mu_;

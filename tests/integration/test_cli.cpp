@@ -66,6 +66,35 @@ TEST_CASE("bad image names are refused with one line naming the problem", "[cli]
     c.check_keep_intact();
 }
 
+TEST_CASE("usage errors exit 2 naming the problem and the help to read", "[cli]") {
+    TempDir t;
+    struct Case {
+        std::vector<std::string> args;
+        std::string expect, help;
+    };
+    for (const auto& k : {Case{{"import", "x"}, "SOURCE is required", "imagefs import --help"},
+                          Case{{"list", "--bogus"}, "--bogus", "imagefs list --help"},
+                          Case{{"bogus"}, "unknown command 'bogus'", "imagefs --help"},
+                          Case{{}, "subcommand is required", "imagefs --help"},
+                          Case{{"status"}, "NAME is required", "imagefs status --help"},
+                          Case{{"import", "x", "y", "--size", "-5"}, "--size", "imagefs import"}}) {
+        auto r = cli(t / "state", k.args);
+        INFO(r.err);
+        CHECK(r.status == 2);
+        CHECK(lines(r.err) == 2);
+        CHECK(r.err.rfind("imagefs: ", 0) == 0);
+        CHECK(r.err.find(k.expect) != std::string::npos);
+        CHECK(r.err.find("see '" + k.help) != std::string::npos);
+    }
+    // Nothing was created for a command that was never run.
+    struct stat st {};
+    CHECK(::stat((t / "state").c_str(), &st) != 0);
+    // --help is not an error.
+    auto h = cli(t / "state", {"import", "--help"});
+    CHECK(h.status == 0);
+    CHECK(h.out.find("--sha256") != std::string::npos);
+}
+
 TEST_CASE("sources that cannot be imported fail with the reason", "[cli]") {
     Catalogued c;
     struct Case {

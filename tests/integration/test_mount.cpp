@@ -402,10 +402,24 @@ TEST_CASE("mount: a daemon that cannot serve fails mount with its message and le
                        "imagefsd: invalid value for -o open: 'bogus' (expected wait or "
                        "eagain)"));
     }
-    SECTION("an option neither imagefsd nor libfuse knows: status 1") {
+    SECTION("an option neither imagefsd nor libfuse knows: status 2, naming it") {
         auto r = mount("no_such_option");
+        CHECK(r.status == 2);
+        CHECK(contains(r.err, "imagefsd: libfuse does not accept the option(s) no_such_option"));
+        CHECK(contains(r.err, "imagefsd --help"));
+    }
+    SECTION("a mountpoint that does not exist: status 1, nothing created") {
+        const std::string missing = p.t / "no such dir";
+        auto r = run({"mount", "-t", "fuse.imagefs", p.state, missing}, 60s);
+        CHECK(r.status != 0);
+        CHECK(contains(r.err, "mountpoint " + missing + " does not exist (create it: mkdir -p"));
+        CHECK_FALSE(exists(p.state));
+        // The daemon itself says the same, once (not also as a log line).
+        r = run({IMAGEFSD, p.state, missing}, 60s);
         CHECK(r.status == 1);
-        CHECK(contains(r.err, "no_such_option"));
+        CHECK(r.err == "imagefsd: mountpoint " + missing + " does not exist (create it: mkdir -p " +
+                           missing + ")\n");
+        CHECK_FALSE(exists(p.state));
     }
     SECTION("a mount whose FUSE INIT fails never counts as mounted: status 1") {
         // libfuse 3.14 refuses INIT when -o max_read is set and init() does not repeat it.

@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "support.hpp"
@@ -86,6 +87,11 @@ TEST_CASE("while a file is written, other opens wait for it like for an import",
     struct stat st {};
     REQUIRE(::stat(env.path("disk.raw").c_str(), &st) == 0);
     CHECK(st.st_size == (1 << 20));  // what was written so far
+    // The catalog follows the upload too (imagefs status and list), as for an import.
+    auto status = nlohmann::json::parse(cli(env.state, {"status", "disk.raw", "--json"}).out);
+    CHECK(status["bytes_imported"].get<int64_t>() > 0);
+    CHECK(status["bytes_imported"].get<int64_t>() <= (1 << 20));
+    CHECK(cli(env.state, {"status", "disk.raw"}).out.find("retries") == std::string::npos);
 
     OpenerChild reader(env.path("disk.raw"), O_RDONLY);
     REQUIRE(reader.blocked_in_open());
