@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -132,9 +133,10 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
     std::optional<State> last_state;
     std::optional<int64_t> last_due;
     auto last_line = Clock::now() - std::chrono::hours(1);
-    auto rate_t0 = Clock::now();
-    int64_t rate_b0 = 0;
-    double rate = 0;
+    // The rate is measured over the last few seconds of samples (bytes seen at a time), from the
+    // first sample taken here: bytes imported before the wait began (a resume) do not count.
+    std::deque<std::pair<Clock::time_point, int64_t>> samples;
+    double rate = 0;  // bytes/s; 0 while unknown
     bool warned_no_daemon = false;
     for (;;) {
         auto row = cat.find(name);
@@ -151,12 +153,17 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
             warned_no_daemon = true;
         }
         auto now = Clock::now();
-        double dt = std::chrono::duration<double>(now - rate_t0).count();
-        if (dt >= 1.0) {
-            double inst = (row->bytes_imported - rate_b0) / dt;
-            rate = rate == 0 ? inst : 0.7 * rate + 0.3 * inst;
-            rate_t0 = now;
-            rate_b0 = row->bytes_imported;
+        if (row->state != State::importing ||
+            (!samples.empty() && row->bytes_imported < samples.back().second))
+            samples.clear();  // not importing, or started again from zero
+        else
+            samples.emplace_back(now, row->bytes_imported);
+        while (samples.size() > 2 && now - samples[1].first >= std::chrono::seconds(5))
+            samples.pop_front();
+        rate = 0;
+        if (samples.size() >= 2) {
+            double dt = std::chrono::duration<double>(now - samples.front().first).count();
+            if (dt >= 1.0) rate = double(row->bytes_imported - samples.front().second) / dt;
         }
         bool changed = row->state != last_state;
         last_state = row->state;
@@ -173,7 +180,8 @@ int wait_for(Catalog& cat, const StateDir& dir, const std::string& name) {
             std::snprintf(b, sizeof b, " ETA %d:%02d", s / 60, s % 60);
             eta = b;
         }
-        std::string rate_s = row->state == State::importing ? "  " + human(rate) + "/s" : "";
+        std::string rate_s =
+            row->state == State::importing && rate > 0 ? "  " + human(rate) + "/s" : "";
         if (row->state == State::queued && row->next_attempt_at && row->last_error) {
             // Waiting to retry: say why and when.
             eta = "  retry " + std::to_string(row->attempts) + " of " +
@@ -355,8 +363,13 @@ int main(int argc, char** argv) {
 
     try {
         bool create = imp->parsed();
+        struct stat before {};
+        const bool existed = ::stat(state.c_str(), &before) == 0;
         StateDir dir(state, create);
         Catalog cat(dir.catalog_path().string(), create);
+        if (create && !existed)  // a typo in --state or IMAGEFS_STATE shows here
+            std::fprintf(stderr, "imagefs: note: created the state directory %s\n",
+                         dir.root().c_str());
         if (imp->parsed()) {
             NewImage img;
             img.name = name;

@@ -192,10 +192,16 @@ TEST_CASE("without a daemon the CLI says so, and the daemon imports when it star
     auto r = cli(state, {"import", "linux", di_kernel()});
     CHECK(r.status == 0);
     CHECK(r.err.find("no imagefsd is serving") != std::string::npos);
+    CHECK(r.err.find("note: created the state directory " + state) != std::string::npos);
     CHECK(state_of(state, "linux") == "queued");
+    // Only the import that created it says so.
+    auto again = cli(state, {"import", "linux2", di_kernel()});
+    CHECK(again.status == 0);
+    CHECK(again.err.find("created the state directory") == std::string::npos);
     Mount m(state, t / "mnt");
     REQUIRE(wait_state(state, "linux", "active", 15s));
     CHECK(sha256_of(t / "mnt/linux") == sha256_of(di_kernel()));
+    REQUIRE(wait_state(state, "linux2", "active", 15s));
 }
 
 TEST_CASE("a running daemon starts a queued import within a second", "[cli]") {
