@@ -354,9 +354,11 @@ int main(int argc, char** argv) {
         std::string what = e.what();
         const auto& rest = app.remaining();
         if (app.get_subcommands().empty() && !rest.empty())
-            what = "unknown command '" + rest.front() + "' (commands: import, list, status, rm, retry)";
+            what = "unknown command '" + rest.front() +
+                   "' (commands: import, list, status, rm, retry)";
         std::string help = "imagefs --help";
-        for (const auto* sub : app.get_subcommands()) help = "imagefs " + sub->get_name() + " --help";
+        for (const auto* sub : app.get_subcommands())
+            help = "imagefs " + sub->get_name() + " --help";
         std::fprintf(stderr, "imagefs: %s\nimagefs: see '%s'\n", what.c_str(), help.c_str());
         return 2;
     }

@@ -1,6 +1,5 @@
 #include "fs/waiters.hpp"
 
-
 #include <vector>
 
 #include "core/signals.hpp"

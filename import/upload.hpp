@@ -81,8 +81,8 @@ class Upload {
     mutable std::mutex mu_;
     std::condition_variable hash_cv_;  // with mu_: more to hash, hashing caught up, or stopping
     std::unique_ptr<Digest> digest_;
-    int64_t written_ = 0;  // end of the prefix written in order
-    int64_t hashed_ = 0;   // end of the prefix hashed (<= written_)
+    int64_t written_ = 0;      // end of the prefix written in order
+    int64_t hashed_ = 0;       // end of the prefix hashed (<= written_)
     uint64_t generation_ = 0;  // bumped when a truncate to 0 starts the file again
     bool in_order_ = true;
     bool stopping_ = false;

@@ -72,8 +72,7 @@ TEST_CASE("upload: writes out of order are stored and the file is hashed again",
     CHECK(s.contents() == data);
 }
 
-TEST_CASE("upload: an overwrite of bytes already written is hashed as finally stored",
-          "[upload]") {
+TEST_CASE("upload: an overwrite of bytes already written is hashed as finally stored", "[upload]") {
     Staged s;
     std::string data = random_bytes(2 << 20, 3);
     write_in_pieces(s.up, data, 0, 128 << 10);
@@ -117,8 +116,7 @@ TEST_CASE("upload: truncate below what was written is hashed as stored", "[uploa
     CHECK(s.up.sha256() == sha256_of(data.substr(0, 1 << 20)));
 }
 
-TEST_CASE("upload: aligned blocks of zeros past the end are holes, and hash as zeros",
-          "[upload]") {
+TEST_CASE("upload: aligned blocks of zeros past the end are holes, and hash as zeros", "[upload]") {
     Staged s;
     const std::string data = random_bytes(4096, 9) + std::string(16 << 20, '\0') +
                              random_bytes(4096, 10) + std::string(8 << 20, '\0');
