@@ -480,10 +480,18 @@ class StagingSink : public ByteSink {
         constexpr uintptr_t kAlign = 4096;
         const bool aligned = direct_.get() >= 0 && reinterpret_cast<uintptr_t>(p) % kAlign == 0 &&
                              n % kAlign == 0 && static_cast<uint64_t>(off) % kAlign == 0;
-        const int fd = aligned ? direct_.get() : fd_;
+        int fd = aligned ? direct_.get() : fd_;
         while (n > 0) {
             ssize_t w = ::pwrite(fd, p, n, off);
             if (w < 0 && errno == EINTR) continue;
+            if (w < 0 && errno == EINVAL && fd != fd_) {
+                // A file system that opens with O_DIRECT but refuses this write: buffered it is.
+                spdlog::debug("image '{}': O_DIRECT write refused; writing through the page cache",
+                              row_.name);
+                direct_.reset();
+                fd = fd_;
+                continue;
+            }
             if (w < 0) {
                 int err = errno;
                 if (err == ENOSPC || err == EDQUOT)
@@ -495,6 +503,7 @@ class StagingSink : public ByteSink {
             p += w;
             n -= static_cast<size_t>(w);
             off += w;
+            fd = fd_;  // after a short write the rest may not be aligned
         }
     }
 
