@@ -356,7 +356,9 @@ struct stat ImageFs::stat_of(const ImageRow& r) const {
                                                                          : (st.st_size + 511) / 512;
     } else if (r.kind == SourceKind::upload && r.state == State::importing &&
                ::stat(dir_.staging_path(r.id).c_str(), &data) == 0) {
-        st.st_size = data.st_size;  // what the writers wrote so far
+        // What the writers wrote so far (the file may lag behind while the pipeline writes).
+        auto up = upload_of(r.id);
+        st.st_size = up ? std::max<int64_t>(up->size(), data.st_size) : data.st_size;
         st.st_blocks = data.st_blocks;
     } else if (r.final_size) {  // verifying: the bytes are complete
         st.st_size = *r.final_size;
@@ -652,11 +654,14 @@ void ImageFs::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
         fuse_reply_buf(req, n ? h->map + off : nullptr, n);
         return;
     }
-    fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
-    buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-    buf.buf[0].fd = h->fd;
-    buf.buf[0].pos = off;
-    fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+    reply_guarded(req, "read", [&] {
+        if (h->upload) h->upload->settle();  // the writer reads what it wrote (qemu-img does)
+        fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+        buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+        buf.buf[0].fd = h->fd;
+        buf.buf[0].pos = off;
+        fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+    });
 }
 
 // How often a write records an upload's progress in the catalog (imports: progress_interval_ms).
@@ -676,9 +681,12 @@ void ImageFs::write(fuse_req_t req, const char* data, size_t size, off_t off, fu
 
 void ImageFs::lseek(fuse_req_t req, off_t off, int whence, fuse_file_info* fi) {
     auto* h = reinterpret_cast<Handle*>(fi->fh);
-    off_t r = ::lseek(h->fd, off, whence);
-    if (r < 0) return (void)fuse_reply_err(req, errno);
-    fuse_reply_lseek(req, r);
+    reply_guarded(req, "lseek", [&] {
+        if (h->upload) h->upload->settle();
+        off_t r = ::lseek(h->fd, off, whence);
+        if (r < 0) return (void)fuse_reply_err(req, errno);
+        fuse_reply_lseek(req, r);
+    });
 }
 
 void ImageFs::flush(fuse_req_t req, fuse_file_info* fi) {
@@ -697,14 +705,22 @@ void ImageFs::flush(fuse_req_t req, fuse_file_info* fi) {
                           std::to_string((ex.exit_code >> 8) & 0xff);
             spdlog::warn("upload #{}: {}", h->id, why);
             h->upload->fail(why + " before it finished");
+            return (void)fuse_reply_err(req, 0);
         }
     }
-    fuse_reply_err(req, 0);
+    // A write that failed after it was answered (the pipeline writes behind) fails the close.
+    reply_guarded(req, "flush", [&] {
+        if (h->writes) h->upload->settle();
+        fuse_reply_err(req, 0);
+    });
 }
 
 void ImageFs::fsync(fuse_req_t req, fuse_file_info* fi) {
     auto* h = reinterpret_cast<Handle*>(fi->fh);
-    fuse_reply_err(req, h->writes && ::fsync(h->fd) != 0 ? errno : 0);
+    reply_guarded(req, "fsync", [&] {
+        if (h->writes) h->upload->settle();
+        fuse_reply_err(req, h->writes && ::fsync(h->fd) != 0 ? errno : 0);
+    });
 }
 
 void ImageFs::release(fuse_req_t req, fuse_file_info* fi) {

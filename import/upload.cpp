@@ -44,62 +44,66 @@ void notify(Catalog& cat, ImportListener& listener, int64_t id) {
 
 }  // namespace
 
-Upload::Upload(int64_t id, int64_t token, int fd)
-    : id_(id), token_(token), fd_(fd), digest_(std::make_unique<Digest>(DigestAlgo::sha256)) {
-    hasher_ = spawn_quiet([this] { hash_loop(); });
+Upload::Upload(int64_t id, int64_t token, int fd) : id_(id), token_(token), fd_(fd) {
+    // The same file again, for the pipeline's aligned writes (-1 where O_DIRECT is not supported).
+    const std::string self = "/proc/self/fd/" + std::to_string(fd);
+    direct_ = ::open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+    stream_ = std::make_unique<HashWriter>(
+        false,
+        [this](const char* p, size_t n, int64_t off) {
+            write_staging(fd_, direct_, p, n, off,
+                          [this](int err, int64_t at) { write_failed(err, at); });
+        },
+        [this](int64_t off, int64_t n) {
+            ::sync_file_range(fd_, off, n, SYNC_FILE_RANGE_WRITE);  // a hint; errors show at fsync
+        });
 }
 
 Upload::~Upload() {
-    {
-        std::lock_guard lk(mu_);
-        stopping_ = true;
+    try {
+        settle();  // an upload dropped while it is written still gets what was written
+    } catch (const std::exception&) {
     }
-    hash_cv_.notify_all();
-    hasher_.join();
+    stream_.reset();  // joins the pipeline's threads before the files go
+    if (direct_ >= 0) ::close(direct_);
     ::close(fd_);
 }
 
-void Upload::hash_loop() {
-    constexpr int64_t kChunk = 1 << 20;
-    constexpr int64_t kWriteback = 64 << 20;  // start writeback of what is hashed every 64 MiB
-    std::vector<char> buf(kChunk);
-    int64_t writeback_from = 0;
-    for (;;) {
-        int64_t from, len;
-        uint64_t gen;
-        {
-            std::unique_lock lk(mu_);
-            hash_cv_.wait(lk, [&] { return stopping_ || (in_order_ && hashed_ < written_); });
-            if (stopping_) return;
-            from = hashed_;
-            len = std::min(kChunk, written_ - hashed_);
-            gen = generation_;
-        }
-        ssize_t n;
-        do {
-            n = ::pread(fd_, buf.data(), static_cast<size_t>(len), from);
-        } while (n < 0 && errno == EINTR);
-        bool start_writeback = false;
-        {
-            std::lock_guard lk(mu_);
-            if (gen != generation_ || !in_order_ || hashed_ != from) continue;
-            if (n <= 0) {
-                // Cannot happen while the prefix stands (a truncate below it clears in_order_);
-                // the final pass over the file reports what is wrong.
-                in_order_ = false;
-            } else {
-                digest_->update(buf.data(), static_cast<size_t>(n));
-                hashed_ += n;
-                if (hashed_ - writeback_from >= kWriteback) start_writeback = true;
-            }
-        }
-        hash_cv_.notify_all();
-        if (start_writeback) {
-            ::sync_file_range(fd_, writeback_from, from + n - writeback_from,
-                              SYNC_FILE_RANGE_WRITE);
-            writeback_from = from + n;
-        }
+void Upload::write_failed(int err, int64_t off) {
+    if (err == ENOSPC || err == EDQUOT)
+        throw Error(Errc::no_space, "no space left in the state directory");
+    throw_errno("cannot write upload data at byte " + std::to_string(off), err);
+}
+
+void Upload::settle() {
+    std::lock_guard sl(stream_mu_);
+    settle_locked();
+}
+
+void Upload::settle_locked() {
+    if (!pending_) return;
+    pending_ = false;
+    try {
+        stream_->drain();
+    } catch (const Error& e) {
+        fail(std::string("a write failed: ") + e.what());
+        throw;
     }
+    // Blocks of zeros at the end were not written: the file ends where the writers said.
+    struct stat st {};
+    const int64_t size = size_.load();
+    if (::fstat(fd_, &st) == 0 && st.st_size < size && ::ftruncate(fd_, size) != 0)
+        throw_errno("cannot extend upload data", errno);
+}
+
+void Upload::append_zeros(int64_t n) {
+    static const std::vector<char> zeros(1 << 20, 0);
+    while (n > 0) {
+        size_t k = static_cast<size_t>(std::min<int64_t>(n, int64_t(zeros.size())));
+        stream_->append(zeros.data(), k);
+        n -= static_cast<int64_t>(k);
+    }
+    pending_ = true;
 }
 
 void Upload::write(const char* data, size_t len, int64_t off) {
@@ -110,27 +114,38 @@ void Upload::write(const char* data, size_t len, int64_t off) {
         std::atomic<int>& n;
         ~Leave() { n.fetch_sub(1); }
     } leave{in_flight_};
-
-    const int64_t file_end = size_.load();
     const int64_t end = off + static_cast<int64_t>(len);
-    bool tail_skipped = false;
+
+    std::lock_guard sl(stream_mu_);
     try {
-        size_t run = 0, i = 0;  // [run, i) is pending data
-        while (i < len) {
-            size_t n = std::min(kBlock - static_cast<size_t>((off + int64_t(i)) % int64_t(kBlock)),
-                                len - i);
-            bool hole =
-                alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
-            if (hole) {
-                if (i > run) pwrite_all(fd_, data + run, i - run, off + int64_t(run));
-                run = i + n;
+        if (alone && streaming_ && off >= stream_->end()) {
+            // In order, or after a gap (cp skipping a hole with lseek): the gap hashes as zeros
+            // and stays a hole.
+            if (off > stream_->end()) append_zeros(off - stream_->end());
+            stream_->append(data, len);
+            pending_ = true;
+        } else {
+            settle_locked();
+            streaming_ = false;
+            const int64_t file_end = size_.load();
+            size_t run = 0, i = 0;  // [run, i) is pending data
+            bool tail_skipped = false;
+            while (i < len) {
+                size_t n = std::min(
+                    kBlock - static_cast<size_t>((off + int64_t(i)) % int64_t(kBlock)), len - i);
+                bool hole =
+                    alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
+                if (hole) {
+                    if (i > run) pwrite_all(fd_, data + run, i - run, off + int64_t(run));
+                    run = i + n;
+                }
+                tail_skipped = hole;
+                i += n;
             }
-            tail_skipped = hole;
-            i += n;
+            if (len > run) pwrite_all(fd_, data + run, len - run, off + int64_t(run));
+            if (tail_skipped && end > file_end && ::ftruncate(fd_, end) != 0)
+                throw_errno("cannot extend upload data", errno);
         }
-        if (len > run) pwrite_all(fd_, data + run, len - run, off + int64_t(run));
-        if (tail_skipped && end > file_end && ::ftruncate(fd_, end) != 0)
-            throw_errno("cannot extend upload data", errno);
     } catch (const Error& e) {
         fail(std::string("a write failed: ") + e.what());
         throw;
@@ -138,34 +153,34 @@ void Upload::write(const char* data, size_t len, int64_t off) {
     int64_t cur = size_.load();
     while (end > cur && !size_.compare_exchange_weak(cur, end)) {
     }
-    {
-        std::lock_guard lk(mu_);
-        if (alone && in_order_ && off == written_) {
-            written_ = end;
-        } else {
-            in_order_ = false;
-        }
-    }
-    hash_cv_.notify_all();
 }
 
 void Upload::truncate(int64_t size) {
-    if (::ftruncate(fd_, size) != 0) throw_errno("cannot truncate upload data", errno);
-    const int64_t old = size_.exchange(size);
-    {
-        std::lock_guard lk(mu_);
-        if (size == 0) {  // a fresh start: cp over an upload, O_TRUNC
-            digest_ = std::make_unique<Digest>(DigestAlgo::sha256);
-            written_ = hashed_ = 0;
-            ++generation_;
-            in_order_ = true;
-        } else if (size < written_) {
-            in_order_ = false;
-        } else if (in_order_ && written_ == old) {
-            written_ = size;  // grown with zeros (cp of a sparse file ends with a hole this way)
+    std::lock_guard sl(stream_mu_);
+    if (size == 0) {  // a fresh start: cp over an upload, O_TRUNC
+        try {
+            settle_locked();
+        } catch (const Error&) {
+            // What failed is being thrown away; the upload stays failed all the same.
         }
+        stream_->reset(0);
+        if (::ftruncate(fd_, 0) != 0) throw_errno("cannot truncate upload data", errno);
+        size_ = 0;
+        streaming_ = true;
+        return;
     }
-    hash_cv_.notify_all();
+    if (streaming_ && in_flight_.load() == 0 && size >= stream_->end()) {
+        // Grown with zeros (cp of a sparse file ends with a hole this way): still in order.
+        append_zeros(size - stream_->end());
+        int64_t cur = size_.load();
+        while (size > cur && !size_.compare_exchange_weak(cur, size)) {
+        }
+        return;
+    }
+    settle_locked();
+    streaming_ = false;
+    if (::ftruncate(fd_, size) != 0) throw_errno("cannot truncate upload data", errno);
+    size_ = size;
 }
 
 bool Upload::progress_due(std::chrono::milliseconds interval) {
@@ -208,19 +223,16 @@ std::optional<std::string> Upload::failure() const {
 }
 
 bool Upload::streamed() const {
-    std::lock_guard lk(mu_);
-    return in_order_ && written_ == size_.load();
+    std::lock_guard sl(stream_mu_);
+    return streaming_;
 }
 
 std::string Upload::sha256() {
-    const int64_t size = size_.load();
-    {
-        std::unique_lock lk(mu_);
-        hash_cv_.wait(lk, [&] { return !in_order_ || hashed_ >= written_; });
-        if (in_order_ && hashed_ == size) return digest_->hex();
-    }
+    std::lock_guard sl(stream_mu_);
+    settle_locked();
+    if (streaming_) return stream_->sha256();
     spdlog::debug("upload #{} was not written in order: hashing it again", id_);
-    return hash_file(fd_, size, DigestAlgo::sha256);
+    return hash_file(fd_, size_.load(), DigestAlgo::sha256);
 }
 
 std::string hash_file(int fd, int64_t size, DigestAlgo algo) {
@@ -247,6 +259,7 @@ void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListene
         return;
     }
     try {
+        up.settle();  // every byte in the file; a write that failed meanwhile fails the upload
         if (auto why = up.failure()) throw Error(Errc::failed, "upload incomplete: " + *why);
         struct stat st {};
         if (::fstat(up.fd(), &st) != 0) throw_errno("cannot stat upload data", errno);
@@ -264,6 +277,9 @@ void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListene
         std::atomic<CancelReason> none{CancelReason::none};
         verify_and_publish(*row, dir, cat, up.fd(), size, sha256, sha512, none, listener);
     } catch (const std::exception& e) {
+        // Free the space now (the upload keeps the file open until it goes): after ENOSPC the
+        // catalog needs room to record the failure.
+        if (::ftruncate(up.fd(), 0) != 0) spdlog::warn("cannot free {}: {}", staging, errno);
         ::unlink(staging.c_str());
         auto* err = dynamic_cast<const Error*>(&e);
         if (err && err->code() == Errc::cancelled) return;

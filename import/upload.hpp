@@ -1,12 +1,13 @@
 // Images written into the mount ("uploads"), without any FUSE: the file system calls these.
 //
 // An upload is an image in state importing whose bytes come from writers through the mount. Its
-// bytes go to STATE_DIR/staging/ID.part. While writes arrive in order, a thread of the upload's own
-// reads back the prefix written so far (from the page cache) and hashes it, so that a writer's
-// write() returns once its bytes are stored, and the hash costs the writer nothing; that thread
-// also starts writeback as it goes, so the fsync at publication is short. Anything else (a seek
-// back, parallel writers, a truncate below what was written) makes publish_upload hash the
-// finished file again.
+// bytes go to STATE_DIR/staging/ID.part. While writes arrive in order (each at the end of what
+// came before; a gap counts as zeros), they go through a HashWriter: the write is copied into a
+// buffer of a small pool and returns, a thread hashes the buffer while it is hot and another
+// writes it with O_DIRECT, so the data is not copied into the page cache and read back to be
+// hashed. Anything else (a seek back, parallel writers, a truncate below what was written) first
+// settles the pipeline, then writes through the page cache, and publish_upload hashes the finished
+// file again. A write error of the pipeline is reported by the next write, read or close.
 // Aligned 4 KiB blocks of zeros written past the end of the file are not stored (they become
 // holes), so sparse images stay sparse.
 #pragma once
@@ -26,6 +27,7 @@
 
 #include "core/statedir.hpp"
 #include "import/digest.hpp"
+#include "import/hash_writer.hpp"
 #include "import/importer.hpp"
 #include "meta/catalog.hpp"
 
@@ -50,6 +52,9 @@ class Upload {
     // Throws Error (no_space, io); a failed write also fails the upload.
     void write(const char* data, size_t len, int64_t off);
     void truncate(int64_t size);
+    // Waits until every byte written so far is in the file (before it is read, seeked, synced or
+    // published); throws the error of a write that failed meanwhile.
+    void settle();
 
     // Writers are counted per process: a process that is writing an upload may also read it (and
     // the kernel opens files read-only on a writer's behalf, e.g. for FS_IOC_FSGETXATTR).
@@ -68,27 +73,29 @@ class Upload {
     bool streamed() const;
 
   private:
+    void settle_locked();          // with stream_mu_
+    void append_zeros(int64_t n);  // with stream_mu_, while streaming_
+    [[noreturn]] void write_failed(int err, int64_t off);
+
     const int64_t id_;
     const int64_t token_;
     const int fd_;
-    void hash_loop();
+    int direct_;  // the staging file opened with O_DIRECT, or -1; the pipeline's writing thread's
 
     std::atomic<int> in_flight_{0};
     std::atomic<int64_t> size_{0};
     std::atomic<int64_t> progress_at_ms_{0};  // steady clock, last progress_due() == true
 
-    // Lock order: mu_ is a leaf; never held across a syscall.
+    // Lock order: stream_mu_ before mu_. stream_mu_ serialises the use of the pipeline (append,
+    // drain) and is held while waiting for the pipeline's threads, which never take it; mu_ is a
+    // leaf, never held across a syscall.
+    mutable std::mutex stream_mu_;
+    bool streaming_ = true;  // every byte so far went through stream_, in order
+    bool pending_ = false;   // stream_ may hold bytes not yet in the file
     mutable std::mutex mu_;
-    std::condition_variable hash_cv_;  // with mu_: more to hash, hashing caught up, or stopping
-    std::unique_ptr<Digest> digest_;
-    int64_t written_ = 0;      // end of the prefix written in order
-    int64_t hashed_ = 0;       // end of the prefix hashed (<= written_)
-    uint64_t generation_ = 0;  // bumped when a truncate to 0 starts the file again
-    bool in_order_ = true;
-    bool stopping_ = false;
     std::multiset<pid_t> writers_;
     std::optional<std::string> failure_;
-    std::thread hasher_;  // last: started once the members above exist
+    std::unique_ptr<HashWriter> stream_;  // last: its threads stop before the members they use go
 };
 
 // Hashes a whole file with `algo`, reading it with pread.

@@ -603,6 +603,32 @@ TEST_CASE("ENOSPC during an import fails it cleanly and harms nothing else", "[s
     CHECK(sha256_of(w.path("small")) == small_sum);
 }
 
+TEST_CASE("ENOSPC while cp writes into the mount fails cp and the image, and harms nothing else",
+          "[space][write]") {
+    World w(kFast, "8m");
+    std::string keep_sum = w.serve("keep.img", 256 * 1024, 5);
+    w.import_ok("keep", w.http->url("keep.img"));
+    REQUIRE(wait_state(w.state, "keep", "active", 10s));
+    std::string src = w.serve("big.img", 16 * MiB);
+    // The writes are answered before the data reaches the disk; the error reaches cp at a later
+    // write or at close, never silently.
+    auto r = run({"cp", w.www + "/big.img", w.path("big")});
+    CHECK(r.status != 0);
+    CHECK(contains(r.err, "No space left on device"));
+    REQUIRE(wait_state(w.state, "big", "failed", 15s));
+    CHECK(contains(w.status("big")["last_error"], "no space left"));
+    CHECK(w.staging().empty());
+    CHECK(open_errno(w.path("big"), O_RDONLY) == EIO);
+    CHECK(::kill(w.mount->pid(), 0) == 0);
+    CHECK(sha256_of(w.path("keep")) == keep_sum);
+    // Once the failed image is gone, a copy that fits works.
+    REQUIRE(cli(w.state, {"rm", "big"}).status == 0);
+    std::string small_sum = w.serve("small.img", 512 * 1024, 6);
+    REQUIRE(run({"cp", w.www + "/small.img", w.path("small")}).status == 0);
+    REQUIRE(wait_state(w.state, "small", "active", 10s));
+    CHECK(sha256_of(w.path("small")) == small_sum);
+}
+
 // ---- checksums -----------------------------------------------------------------------------
 
 TEST_CASE("sha512 is verified and a mismatch names both values and is never served", "[checksum]") {
