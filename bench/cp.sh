@@ -10,9 +10,10 @@ size_mib=${1:-2048}
 runs=${RUNS:-3}
 [ -x build/fs/imagefsd ] || scripts/build build >/dev/null
 work=${BENCH_DIR:-/var/tmp/imagefs-bench}
-cleanup() { mountpoint -q "$work/mnt" && umount "$work/mnt"; rm -rf "$work"; }
+other=${OTHER_FS_DIR:-/dev/shm/imagefs-bench}  # a directory on another file system (tmpfs)
+cleanup() { mountpoint -q "$work/mnt" && umount "$work/mnt"; rm -rf "$work" "$other"; }
 trap cleanup EXIT
-rm -rf "$work"; mkdir -p "$work/mnt" "$work/direct"
+rm -rf "$work" "$other"; mkdir -p "$work/mnt" "$work/direct" "$other"
 echo "creating a ${size_mib} MiB file of random data in $work"
 head -c $((size_mib * 1024 * 1024)) /dev/urandom > "$work/src.img"
 build/fs/imagefsd "$work/state" "$work/mnt"
@@ -40,30 +41,40 @@ copy_out() {  # SRC DEST ARRAY
 }
 
 in_direct=(); in_mnt=(); in_active=(); out_direct=(); out_mnt=(); null_direct=(); null_mnt=()
+other_direct=(); other_mnt=()
 for i in $(seq "$runs"); do
   if [ $((i % 2)) = 1 ]; then copy_in_direct; copy_in_mount; else copy_in_mount; copy_in_direct; fi
   cmp "$work/src.img" "$work/mnt/copy.img"
-  for pass in 1 2; do
-    if [ $(((i + pass) % 2)) = 0 ]; then
-      copy_out "$work/direct/copy.img" "$work/direct/out.img" out_direct
-      copy_out "$work/mnt/copy.img" "$work/direct/out.img" out_mnt
-    else
-      copy_out "$work/mnt/copy.img" /dev/null null_mnt
-      copy_out "$work/direct/copy.img" /dev/null null_direct
-    fi
-  done
-  printf 'run %d: in %.2f / mount %.2f (active %.2f); out %.2f / mount %.2f; to /dev/null %.2f / mount %.2f\n' \
+  if [ $((i % 2)) = 1 ]; then
+    copy_out "$work/direct/copy.img" "$work/direct/out.img" out_direct
+    copy_out "$work/mnt/copy.img" "$work/direct/out.img" out_mnt
+    copy_out "$work/mnt/copy.img" "$other/out.img" other_mnt
+    copy_out "$work/direct/copy.img" "$other/out.img" other_direct
+    copy_out "$work/direct/copy.img" /dev/null null_direct
+    copy_out "$work/mnt/copy.img" /dev/null null_mnt
+  else
+    copy_out "$work/mnt/copy.img" "$work/direct/out.img" out_mnt
+    copy_out "$work/direct/copy.img" "$work/direct/out.img" out_direct
+    copy_out "$work/direct/copy.img" "$other/out.img" other_direct
+    copy_out "$work/mnt/copy.img" "$other/out.img" other_mnt
+    copy_out "$work/mnt/copy.img" /dev/null null_mnt
+    copy_out "$work/direct/copy.img" /dev/null null_direct
+  fi
+  printf 'run %d: in %.2f / mount %.2f (active %.2f); out %.2f / mount %.2f; to tmpfs %.2f / mount %.2f; to /dev/null %.2f / mount %.2f\n' \
     "$i" "${in_direct[-1]}" "${in_mnt[-1]}" "${in_active[-1]}" "${out_direct[-1]}" "${out_mnt[-1]}" \
-    "${null_direct[-1]}" "${null_mnt[-1]}"
+    "${other_direct[-1]}" "${other_mnt[-1]}" "${null_direct[-1]}" "${null_mnt[-1]}"
 done
 a=$(median "${in_direct[@]}"); b=$(median "${in_mnt[@]}"); c=$(median "${in_active[@]}")
 d=$(median "${out_direct[@]}"); e=$(median "${out_mnt[@]}")
 f=$(median "${null_direct[@]}"); g=$(median "${null_mnt[@]}")
+h=$(median "${other_direct[@]}"); k=$(median "${other_mnt[@]}")
 printf '\n%-48s %8s %8s\n' "${size_mib} MiB, median of $runs" seconds ratio
 printf '%-48s %8.2f %8s\n' "cp onto the state dir's fs (+ sync)" "$a" 1.00
 printf '%-48s %8.2f %8.2f\n' "cp into the mount (until cp returns)" "$b" "$(echo "$b / $a" | bc -l)"
 printf '%-48s %8.2f %8.2f\n' "cp into the mount (until verified, active)" "$c" "$(echo "$c / $a" | bc -l)"
 printf '%-48s %8.2f %8s\n' "cp from the state dir's fs to it (cold)" "$d" 1.00
 printf '%-48s %8.2f %8.2f\n' "cp out of the mount to the state dir's fs (cold)" "$e" "$(echo "$e / $d" | bc -l)"
+printf '%-48s %8.2f %8s\n' "cp from the state dir's fs to tmpfs (cold)" "$h" 1.00
+printf '%-48s %8.2f %8.2f\n' "cp out of the mount to tmpfs (cold)" "$k" "$(echo "$k / $h" | bc -l)"
 printf '%-48s %8.2f %8s\n' "cp from the state dir's fs to /dev/null (cold)" "$f" 1.00
 printf '%-48s %8.2f %8.2f\n' "cp out of the mount to /dev/null (cold)" "$g" "$(echo "$g / $f" | bc -l)"
