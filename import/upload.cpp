@@ -17,6 +17,10 @@ namespace imagefs {
 namespace {
 
 constexpr size_t kBlock = 4096;
+// The largest gap (lseek past the end, a truncate that grows the file) that is hashed as zeros on
+// the spot to keep the stream going. A larger one (a sparse disk created at its full size) would
+// hold the call up while gigabytes of zeros are hashed: the file is hashed again at the end.
+constexpr int64_t kMaxZeroFill = 64 << 20;
 
 bool all_zero(const char* p, size_t n) {
     return n > 0 && p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
@@ -118,7 +122,7 @@ void Upload::write(const char* data, size_t len, int64_t off) {
 
     std::lock_guard sl(stream_mu_);
     try {
-        if (alone && streaming_ && off >= stream_->end()) {
+        if (alone && streaming_ && off >= stream_->end() && off - stream_->end() <= kMaxZeroFill) {
             // In order, or after a gap (cp skipping a hole with lseek): the gap hashes as zeros
             // and stays a hole.
             if (off > stream_->end()) append_zeros(off - stream_->end());
@@ -169,7 +173,8 @@ void Upload::truncate(int64_t size) {
         streaming_ = true;
         return;
     }
-    if (streaming_ && in_flight_.load() == 0 && size >= stream_->end()) {
+    if (streaming_ && in_flight_.load() == 0 && size >= stream_->end() &&
+        size - stream_->end() <= kMaxZeroFill) {
         // Grown with zeros (cp of a sparse file ends with a hole this way): still in order.
         append_zeros(size - stream_->end());
         int64_t cur = size_.load();

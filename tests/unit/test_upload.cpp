@@ -145,3 +145,38 @@ TEST_CASE("upload: an upload dropped while its hash runs behind stops cleanly", 
         CHECK(unit::read_file(path) == data);
     }
 }
+
+TEST_CASE("upload: a gap in the stream is hashed as zeros; a huge one is left to the final pass",
+          "[upload]") {
+    SECTION("a small gap (cp skipping a hole with lseek) keeps the stream") {
+        Staged s;
+        const std::string a = random_bytes(1 << 20, 12), b = random_bytes(1 << 20, 13);
+        s.up.write(a.data(), a.size(), 0);
+        s.up.write(b.data(), b.size(), int64_t(a.size()) + (8 << 20));
+        const std::string want = a + std::string(8 << 20, '\0') + b;
+        CHECK(s.up.streamed());
+        CHECK(s.up.sha256() == sha256_of(want));
+        CHECK(s.contents() == want);
+        CHECK(s.st().st_blocks * 512 < (4 << 20));  // the gap is a hole
+    }
+    SECTION("a gap of gigabytes (a sparse disk written at its end) is not hashed in the write") {
+        Staged s;
+        const std::string head = random_bytes(4096, 14), tail = random_bytes(4096, 15);
+        s.up.write(head.data(), head.size(), 0);
+        const int64_t far = int64_t(4) << 30;
+        s.up.write(tail.data(), tail.size(), far);
+        CHECK_FALSE(s.up.streamed());
+        CHECK(s.up.size() == far + 4096);
+        CHECK(s.st().st_blocks * 512 < (1 << 20));
+        imagefs::Digest d(DigestAlgo::sha256);
+        d.update(head.data(), head.size());
+        const std::string zeros(1 << 20, '\0');
+        for (int64_t left = far - 4096; left > 0;) {
+            size_t n = size_t(std::min<int64_t>(left, int64_t(zeros.size())));
+            d.update(zeros.data(), n);
+            left -= int64_t(n);
+        }
+        d.update(tail.data(), tail.size());
+        CHECK(s.up.sha256() == d.hex());
+    }
+}
