@@ -146,7 +146,7 @@ TEST_CASE("upload: an upload dropped while its hash runs behind stops cleanly", 
     }
 }
 
-TEST_CASE("upload: a gap in the stream is hashed as zeros; a huge one is left to the final pass",
+TEST_CASE("upload: a gap in the stream is hashed as zeros, a huge one is left to the final pass",
           "[upload]") {
     SECTION("a small gap (cp skipping a hole with lseek) keeps the stream") {
         Staged s;
