@@ -554,11 +554,13 @@ void ImportManager::sync(Catalog& cat) {
     }
     work_cv_.notify_all();
     // Files of rows that no longer exist: removed by 'imagefs rm'. Open readers keep their fds.
+    // Ids above the snapshot's max_id belong to rows created since (a file being written into the
+    // mount right now): ids are never reused, so those are not leftovers.
     for (const auto& d : {dir_.images_dir(), dir_.staging_dir()}) {
         boost::system::error_code ec;
         for (fs::directory_iterator it(d, ec), end; !ec && it != end; it.increment(ec)) {
             int64_t id = std::atoll(it->path().stem().c_str());
-            if (id > 0 && !by_id.count(id)) {
+            if (id > 0 && id <= max_id && !by_id.count(id)) {
                 std::lock_guard lk(mu_);
                 if (running_.count(id)) continue;
                 gone.push_back(id);

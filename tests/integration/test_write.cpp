@@ -379,3 +379,36 @@ TEST_CASE("an upload interrupted by a daemon crash is failed at the next start",
     CHECK(open_errno(env.path("partial"), O_RDONLY) == EIO);
     CHECK(listing(env.state + "/staging").empty());
 }
+
+TEST_CASE("files copied in while the CLI changes the catalog all become active", "[write][race]") {
+    // The daemon removes files of rows that are gone whenever the catalog changes; a file that is
+    // being written was created after that snapshot and must not count as gone.
+    WEnv env;
+    const std::string src = env.t / "small.img";
+    REQUIRE(run({"sh", "-c", "head -c 200000 /dev/urandom > '" + src + "'"}).status == 0);
+    const std::string sum = sha256_of(src);
+    pid_t churn = ::fork();
+    REQUIRE(churn >= 0);
+    if (churn == 0) {
+        for (int i = 0; i < 400; ++i) {
+            std::string n = "poke" + std::to_string(i);
+            cli(env.state, {"import", n, src});
+            cli(env.state, {"rm", n});
+        }
+        ::_exit(0);
+    }
+    const int kFiles = 120;
+    for (int i = 0; i < kFiles; ++i) {
+        auto r = run({"cp", src, env.path("race" + std::to_string(i))});
+        REQUIRE(r.status == 0);
+    }
+    ::kill(churn, SIGKILL);
+    ::waitpid(churn, nullptr, 0);
+    for (int i = 0; i < kFiles; ++i) {
+        const std::string n = "race" + std::to_string(i);
+        INFO(n << ": " << cli(env.state, {"status", n}).out);
+        REQUIRE(wait_state(env.state, n, "active", 30s));
+    }
+    CHECK(sha256_of(env.path("race0")) == sum);
+    CHECK(sha256_of(env.path("race" + std::to_string(kFiles - 1))) == sum);
+}
