@@ -405,7 +405,7 @@ int main(int argc, char** argv) {
             if (as_json) {
                 json arr = json::array();
                 for (const auto& r : rows) arr.push_back(to_json(r));
-                std::cout << arr.dump(2) << "\n";
+                std::cout << arr.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
                 return 0;
             }
             std::printf("%-32s %-10s %14s %-6s %s\n", "NAME", "STATE", "SIZE", "FORMAT", "SOURCE");
@@ -420,7 +420,8 @@ int main(int argc, char** argv) {
             if (!row) throw Error(Errc::not_found, "no image named '" + name + "'");
             if (wait) return wait_for(cat, dir, name);
             if (as_json)
-                std::cout << to_json(*row).dump(2) << "\n";
+                std::cout << to_json(*row).dump(2, ' ', false, json::error_handler_t::replace)
+                          << "\n";
             else
                 print_status(*row);
             return 0;

@@ -72,6 +72,12 @@ TEST_CASE("catalog: fresh create has the current schema version and WAL journal 
     CHECK(c.schema_version() == Catalog::kSchemaVersion);
     CHECK(pragma_text(c, "PRAGMA journal_mode") == "wal");
     CHECK(c.list().empty());
+    // Messages show such bytes escaped, and UTF-8 names are fine.
+    auto e = error_from([&] { c.add(image("\xff\xfe")); });
+    REQUIRE(e);
+    CHECK_THAT(std::string(e->what()), Contains("'\\xff\\xfe'") && Contains("valid UTF-8"));
+    c.add(image("debian-12-\xc3\xa9t\xc3\xa9-\xf0\x9f\x90\xa7.qcow2"));
+    CHECK(c.list().size() == 1);
     CHECK(unit::fs::is_regular_file(db));
 
     // Another, independent SQLite connection sees the same version and the images table.
@@ -338,7 +344,14 @@ TEST_CASE("catalog: invalid image names are refused", "[catalog]") {
                                           "trailing/",
                                           std::string(256, 'n'),
                                           std::string("a\0b", 3),
-                                          std::string(1, '\0')};
+                                          std::string(1, '\0'),
+                                          "a\nb",
+                                          "tab\there",
+                                          "del\x7f",
+                                          "\xff\xfe",
+                                          "\xc3",           // truncated sequence
+                                          "\xc0\xaf",       // overlong '/'
+                                          "\xed\xa0\x80"};  // a surrogate
     for (const auto& name : bad) {
         INFO("name of " << name.size() << " bytes: '" << name << "'");
         auto e = error_from([&] { c.add(image(name)); });
