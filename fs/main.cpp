@@ -341,6 +341,20 @@ void check_mountpoint(const std::string& mnt) {
         throw Error(Errc::invalid_argument, "mountpoint " + mnt + " is not a directory");
 }
 
+// Refuses a mountpoint that is the state directory or one of its parents: the mount would hide
+// the daemon's own files from it, and every access to them would wait on the daemon itself.
+void check_not_hidden(const std::string& state_dir, const std::string& mnt) {
+    boost::system::error_code ec;
+    const std::string state = fs::weakly_canonical(state_dir, ec).string();
+    const std::string m = fs::weakly_canonical(mnt, ec).string();
+    if (ec) return;
+    if (state == m || m == "/" || state.rfind(m + "/", 0) == 0)
+        throw Error(Errc::invalid_argument,
+                    "mountpoint " + mnt + " would hide the state directory " + state_dir +
+                        " (it is that directory or a parent of it); mount somewhere else, e.g. "
+                        "/mnt/images");
+}
+
 int serve(const DaemonOptions& o, Logging& log);
 
 int run(DaemonOptions o) {
@@ -361,6 +375,7 @@ int serve(const DaemonOptions& o, Logging& log) {
     ::pthread_sigmask(SIG_BLOCK, &stop_set, nullptr);
 
     check_mountpoint(o.mountpoint);
+    check_not_hidden(o.state_dir, o.mountpoint);
     StateDir dir(o.state_dir, true);
     DaemonLock lock(dir);
 

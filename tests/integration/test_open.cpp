@@ -356,3 +356,17 @@ TEST_CASE("a second daemon on the same state dir is refused", "[daemon]") {
           std::string::npos);
     CHECK_FALSE(is_mounted(other));
 }
+
+TEST_CASE("a mountpoint that would hide the state directory is refused", "[daemon]") {
+    TempDir t;
+    const std::string state = t / "state";
+    REQUIRE(::mkdir(state.c_str(), 0755) == 0);
+    for (const std::string& mnt : {state, t.path()}) {
+        INFO(mnt);
+        auto r = run({IMAGEFSD, "-f", state, mnt}, 20s);
+        CHECK(r.status == 1);
+        CHECK(r.err.find("mountpoint " + mnt + " would hide the state directory") !=
+              std::string::npos);
+        CHECK_FALSE(is_mounted(mnt));
+    }
+}
