@@ -694,9 +694,11 @@ void ImageFs::flush(fuse_req_t req, fuse_file_info* fi) {
     if (h->writes) {
         // A writer that is being killed closes its files on the way out: what it wrote is not
         // what it meant to write.
+        // Only the process that opened the file counts: a child that inherited the descriptor
+        // (a shell's `{ cat img; false; } > MNT/x`) closes it too when it exits.
         pid_t pid = fuse_req_ctx(req)->pid;
         ExitState ex = process_exit_state(pid);
-        if (ex.exiting && ex.exit_code != 0) {
+        if (ex.exiting && ex.exit_code != 0 && thread_group_of(pid) == h->process) {
             std::string why =
                 (ex.exit_code & 0x7f)
                     ? "the writer (pid " + std::to_string(pid) + ") was killed by signal " +

@@ -412,3 +412,15 @@ TEST_CASE("files copied in while the CLI changes the catalog all become active",
     CHECK(sha256_of(env.path("race0")) == sum);
     CHECK(sha256_of(env.path("race" + std::to_string(kFiles - 1))) == sum);
 }
+
+TEST_CASE("a child that inherits the writer's descriptor and fails does not fail the upload",
+          "[write]") {
+    WEnv env;
+    // The shell opens the file; cat and a failing command inherit it and close it as they exit.
+    auto r = run({"sh", "-c",
+                  "{ cat '" + di_kernel() + "'; sh -c 'exit 3'; ls /nonexistent; } > '" +
+                      env.path("inherited") + "'; true"});
+    CHECK(r.status == 0);
+    REQUIRE(wait_state(env.state, "inherited", "active"));
+    CHECK(sha256_of(env.path("inherited")) == sha256_of(di_kernel()));
+}
