@@ -232,19 +232,23 @@ bool Upload::streamed() const {
     return streaming_;
 }
 
-std::string Upload::sha256() {
+std::string Upload::sha256(const std::function<void()>& stop) {
     std::lock_guard sl(stream_mu_);
     settle_locked();
     if (streaming_) return stream_->sha256();
     spdlog::debug("upload #{} was not written in order: hashing it again", id_);
-    return hash_file(fd_, size_.load(), DigestAlgo::sha256);
+    return hash_file(fd_, size_.load(), DigestAlgo::sha256, [&] {
+        if (auto why = failure()) throw Error(Errc::cancelled, *why);  // removed meanwhile
+        if (stop) stop();
+    });
 }
 
-std::string hash_file(int fd, int64_t size, DigestAlgo algo) {
+std::string hash_file(int fd, int64_t size, DigestAlgo algo, const std::function<void()>& stop) {
     Digest d(algo);
     std::vector<char> buf(1 << 20);
     int64_t off = 0;
     while (off < size) {
+        if (stop) stop();
         ssize_t n =
             ::pread(fd, buf.data(), std::min<int64_t>(int64_t(buf.size()), size - off), off);
         if (n < 0 && errno == EINTR) continue;
@@ -256,7 +260,8 @@ std::string hash_file(int fd, int64_t size, DigestAlgo algo) {
     return d.hex();
 }
 
-void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener) {
+void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener,
+                    const std::function<void()>& stop) {
     const std::string staging = dir.staging_path(up.id()).string();
     auto row = cat.get(up.id());
     if (!row || row->import_token != up.token() || row->state != State::importing) {
@@ -276,9 +281,9 @@ void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListene
         notify(cat, listener, up.id());
         row = cat.get(up.id());
         if (!row) throw Error(Errc::cancelled, "image removed during verification");
-        std::string sha256 = up.sha256();
+        std::string sha256 = up.sha256(stop);
         std::optional<std::string> sha512;
-        if (row->expected_sha512) sha512 = hash_file(up.fd(), size, DigestAlgo::sha512);
+        if (row->expected_sha512) sha512 = hash_file(up.fd(), size, DigestAlgo::sha512, stop);
         std::atomic<CancelReason> none{CancelReason::none};
         verify_and_publish(*row, dir, cat, up.fd(), size, sha256, sha512, none, listener);
     } catch (const std::exception& e) {
@@ -306,6 +311,7 @@ void UploadPublisher::start() {
 }
 
 void UploadPublisher::stop() {
+    cancel_ = true;
     {
         std::lock_guard lk(mu_);
         stopping_ = true;
@@ -340,7 +346,15 @@ void UploadPublisher::loop() {
         if (!claim_(*up)) continue;  // a writer came back; its last close submits it again
         try {
             if (!cat) cat = std::make_unique<Catalog>(dir_.catalog_path().string(), false);
-            publish_upload(*up, dir_, *cat, listener_);
+            int calls = 0;  // one a MiB hashed
+            publish_upload(*up, dir_, *cat, listener_, [&] {
+                if (cancel_)
+                    throw Error(Errc::failed,
+                                "the daemon stopped while the file was being verified; copy it "
+                                "again");
+                if (++calls % 64 == 0 && !cat->get(up->id()))  // removed ('rm', 'imagefs rm')
+                    throw Error(Errc::cancelled, "the image was removed during verification");
+            });
         } catch (const std::exception& e) {
             spdlog::error("cannot publish upload #{}: {}", up->id(), e.what());
             cat.reset();

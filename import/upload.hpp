@@ -66,8 +66,9 @@ class Upload {
     std::optional<std::string> failure() const;
 
     // SHA-256 of the bytes in the file now: the streaming digest when every byte arrived in order,
-    // else a fresh pass over the file. Call once, after the last writer left.
-    std::string sha256();
+    // else a fresh pass over the file (which `stop` can end: see hash_file). Call once, after the
+    // last writer left.
+    std::string sha256(const std::function<void()>& stop = {});
 
     // Whether every byte so far arrived in order, so that sha256() will not read the file again.
     bool streamed() const;
@@ -98,12 +99,16 @@ class Upload {
     std::unique_ptr<HashWriter> stream_;  // last: its threads stop before the members they use go
 };
 
-// Hashes a whole file with `algo`, reading it with pread.
-std::string hash_file(int fd, int64_t size, DigestAlgo algo);
+// Hashes a whole file with `algo`, reading it with pread. `stop`, if given, is called between
+// reads and may throw to end the pass (a large sparse file takes minutes).
+std::string hash_file(int fd, int64_t size, DigestAlgo algo,
+                      const std::function<void()>& stop = {});
 
 // Verifies and publishes an upload whose last writer has closed it (or fails it, if a writer was
 // killed or a write failed). Tells `listener` about every transition.
-void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener);
+// `stop` as for hash_file: the publisher is stopping.
+void publish_upload(Upload& up, const StateDir& dir, Catalog& cat, ImportListener& listener,
+                    const std::function<void()>& stop = {});
 
 // A thread that runs publish_upload for uploads whose last writer closed them, after a short grace
 // period: tools such as qemu-img create a file, close it and open it again for writing at once.
@@ -130,6 +135,7 @@ class UploadPublisher {
     std::condition_variable cv_;
     std::deque<std::pair<std::chrono::steady_clock::time_point, std::shared_ptr<Upload>>> queue_;
     bool stopping_ = false;
+    std::atomic<bool> cancel_{false};  // set by stop(): a long verification ends early
     std::thread thread_;
 };
 

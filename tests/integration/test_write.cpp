@@ -424,3 +424,33 @@ TEST_CASE("a child that inherits the writer's descriptor and fails does not fail
     REQUIRE(wait_state(env.state, "inherited", "active"));
     CHECK(sha256_of(env.path("inherited")) == sha256_of(di_kernel()));
 }
+
+TEST_CASE("verifying a huge sparse upload yields to rm and to a clean stop", "[write][sparse]") {
+    WEnv env;
+    // One byte, then a 1 TiB hole: written out of order, so the file is hashed again at the end,
+    // which takes minutes.
+    auto sparse = [&](const std::string& name) {
+        const std::string py = "import os\nfd = os.open('" + env.path(name) +
+                               "', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')\n"
+                               "os.ftruncate(fd, 1 << 40)\nos.close(fd)\n";
+        REQUIRE(run({"python3", "-c", py}).status == 0);
+        REQUIRE(wait_state(env.state, name, "verifying", 10s));
+    };
+    sparse("huge1");
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(cli(env.state, {"rm", "huge1"}).status == 0);
+    // The publisher is free again: the next copy is published within seconds, not minutes.
+    REQUIRE(run({"cp", di_kernel(), env.path("after")}).status == 0);
+    REQUIRE(wait_state(env.state, "after", "active", 20s));
+    CHECK(std::chrono::steady_clock::now() - t0 < 20s);
+    CHECK(run({"ls", "-A", env.state + "/staging"}).out.empty());
+
+    sparse("huge2");
+    // A clean stop (umount) ends the verification: the daemon exits within Mount's 15 s.
+    env.mount->unmount();
+    env.mount.reset();
+    env.mount = std::make_unique<Mount>(env.state, env.mnt);
+    CHECK(state_of(env.state, "huge2") == "failed");
+    CHECK(cli(env.state, {"status", "huge2"}).out.find("copy it again") != std::string::npos);
+    CHECK(state_of(env.state, "after") == "active");
+}
