@@ -68,6 +68,7 @@ class ImageFs : public ImportListener {
     void detach();
     void start();  // the waiter watcher and the event thread
     void set_device(std::string dev) { device_ = std::move(dev); }  // "MAJOR:MINOR" of the mount
+    const std::string& device() const { return device_; }
     void stop();
     // Called after the file system changed the catalog (unlink, rename), so that the import
     // manager cancels imports of images that are gone.

@@ -20,6 +20,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -417,6 +419,8 @@ int serve(const DaemonOptions& o, Logging& log) {
     iopts.max_concurrent = o.max_imports;
     iopts.fetch.connect_timeout_s = o.connect_timeout_s;
     iopts.fetch.stall_timeout_s = o.stall_timeout_s;
+    if (unsigned maj = 0, min = 0; std::sscanf(fsimpl.device().c_str(), "%u:%u", &maj, &min) == 2)
+        iopts.fetch.own_device = makedev(maj, min);
     iopts.retry.base_delay_ms = o.retry_delay_ms;
     iopts.retry.max_delay_ms = std::max(o.retry_delay_ms, o.retry_max_delay_ms);
     ImportManager manager(dir, iopts, fsimpl);

@@ -45,7 +45,13 @@ std::optional<int64_t> parse_i64(std::string_view s) {
     return v;
 }
 
-void fetch_file(const std::string& path, ByteSink& sink) {
+void fetch_file(const std::string& path, ByteSink& sink, dev_t own_device) {
+    struct stat where {};
+    if (own_device != 0 && ::stat(path.c_str(), &where) == 0 && where.st_dev == own_device)
+        throw Error(Errc::invalid_argument,
+                    "source " + path +
+                        " is a file in this daemon's own mount; copy it within the mount "
+                        "instead (cp MNT/a MNT/b), or import it from outside the mount");
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
@@ -455,7 +461,7 @@ void fetch(const SourceSpec& src, ByteSink& sink, const FetchOptions& opts) {
     if (src.kind == SourceKind::http)
         fetch_http(src.location, sink, opts);
     else
-        fetch_file(src.location, sink);
+        fetch_file(src.location, sink, opts.own_device);
 }
 
 }  // namespace imagefs

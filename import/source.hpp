@@ -1,6 +1,8 @@
 // Where image bytes come from: local files and http(s) URLs.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -78,6 +80,9 @@ struct FetchOptions {
     std::optional<std::string> tls_ca;  // PEM to trust instead of the system CA store
     bool tls_insecure = false;          // no certificate verification at all
     const AllowList* allow = nullptr;   // nullptr: every host
+    // The daemon's own mount (st_dev), or 0: a local source on it is refused, since reading an
+    // image of the mount that is not active yet would wait on the daemon itself.
+    dev_t own_device = 0;
 };
 
 // Receives the bytes of one fetch, in order.

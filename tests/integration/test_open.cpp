@@ -370,3 +370,19 @@ TEST_CASE("a mountpoint that would hide the state directory is refused", "[daemo
         CHECK_FALSE(is_mounted(mnt));
     }
 }
+
+TEST_CASE("a source inside the daemon's own mount is refused instead of waiting on itself",
+          "[daemon]") {
+    Env env;
+    env.import_gated("linux");
+    REQUIRE(wait_state(env.state, "linux", "importing"));
+    // Reading MNT/linux would wait for the daemon's own import, holding an import slot, and
+    // would keep the daemon from stopping.
+    REQUIRE(cli(env.state, {"import", "chain", env.path("linux"), "--retries", "0"}).status == 0);
+    REQUIRE(wait_state(env.state, "chain", "failed", 10s));
+    auto st = cli(env.state, {"status", "chain"});
+    CHECK(st.out.find("is a file in this daemon's own mount") != std::string::npos);
+    env.release();
+    REQUIRE(wait_state(env.state, "linux", "active"));
+    env.mount->unmount();  // stops cleanly (REQUIREd inside)
+}
