@@ -155,7 +155,9 @@ TEST_CASE("an unwritable state directory is reported", "[cli]") {
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find(ro) != std::string::npos);
     CHECK(r.err.find("not writable") != std::string::npos);
-    r = run({IMAGEFSD, "-f", ro, t.path()});
+    const std::string mnt = t / "mnt";
+    ::mkdir(mnt.c_str(), 0755);
+    r = run({IMAGEFSD, "-f", ro, mnt});
     CHECK(r.status == 1);
     CHECK(r.err.find("not writable") != std::string::npos);
     ::umount(ro.c_str());
