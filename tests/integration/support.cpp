@@ -236,8 +236,8 @@ void Mount::unmount() {
         FAIL("imagefsd did not exit within 15 s of unmounting\n" << log());
     }
     CHECK(r.status == 0);
+    INFO("imagefsd's log (a sanitizer's report ends up here too):\n" << log());
     CHECK(*st == 0);
-    if (*st != 0) INFO(log());
 }
 
 Mount::~Mount() {
