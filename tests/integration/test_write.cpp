@@ -387,10 +387,11 @@ TEST_CASE("files copied in while the CLI changes the catalog all become active",
     const std::string src = env.t / "small.img";
     REQUIRE(run({"sh", "-c", "head -c 200000 /dev/urandom > '" + src + "'"}).status == 0);
     const std::string sum = sha256_of(src);
+    const std::string stop = env.t / "stop-churn";
     pid_t churn = ::fork();
     REQUIRE(churn >= 0);
     if (churn == 0) {
-        for (int i = 0; i < 400; ++i) {
+        for (int i = 0; i < 400 && ::access(stop.c_str(), F_OK) != 0; ++i) {
             std::string n = "poke" + std::to_string(i);
             cli(env.state, {"import", n, src});
             cli(env.state, {"rm", n});
@@ -402,7 +403,7 @@ TEST_CASE("files copied in while the CLI changes the catalog all become active",
         auto r = run({"cp", src, env.path("race" + std::to_string(i))});
         REQUIRE(r.status == 0);
     }
-    ::kill(churn, SIGKILL);
+    write_file(stop, "");  // the churn stops between two commands (a kill would leak temp files)
     ::waitpid(churn, nullptr, 0);
     for (int i = 0; i < kFiles; ++i) {
         const std::string n = "race" + std::to_string(i);
