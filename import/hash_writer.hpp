@@ -25,6 +25,11 @@ namespace imagefs {
 // or -1) when address, length and offset are 4 KiB aligned, else through `fd`. A file system that
 // refuses the O_DIRECT write (EINVAL) gets buffered writes from then on (`direct` becomes -1, and
 // the caller closes what it opened). Other errors go to `fail(errno, off)`, which throws.
+// Whether the `n` bytes at `p` are all zero (a block that need not be stored).
+inline bool all_zero_block(const char* p, size_t n) {
+    return n > 0 && p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
+}
+
 void write_staging(int fd, int& direct, const char* p, size_t n, int64_t off,
                    const std::function<void(int, int64_t)>& fail);
 
@@ -226,7 +231,7 @@ class HashWriter {
         while (i < len) {
             size_t to_boundary = kBlock - static_cast<size_t>((base + int64_t(i)) % kBlock);
             size_t n = std::min(to_boundary, len - i);
-            bool hole = n == kBlock && p[i] == 0 && std::memcmp(p + i, p + i + 1, n - 1) == 0;
+            bool hole = n == kBlock && all_zero_block(p + i, n);
             if (hole && in_run) {
                 write_at_(p + run_start, i - run_start, base + int64_t(run_start));
                 in_run = false;

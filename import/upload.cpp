@@ -22,26 +22,6 @@ constexpr size_t kBlock = 4096;
 // hold the call up while gigabytes of zeros are hashed: the file is hashed again at the end.
 constexpr int64_t kMaxZeroFill = 64 << 20;
 
-bool all_zero(const char* p, size_t n) {
-    return n > 0 && p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
-}
-
-void pwrite_all(int fd, const char* p, size_t n, int64_t off) {
-    while (n > 0) {
-        ssize_t w = ::pwrite(fd, p, n, off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) {
-            int err = errno;
-            if (err == ENOSPC || err == EDQUOT)
-                throw Error(Errc::no_space, "no space left in the state directory");
-            throw_errno("cannot write upload data", err);
-        }
-        p += w;
-        n -= static_cast<size_t>(w);
-        off += w;
-    }
-}
-
 void notify(Catalog& cat, ImportListener& listener, int64_t id) {
     if (auto r = cat.get(id)) listener.image_changed(*r);
 }
@@ -132,21 +112,26 @@ void Upload::write(const char* data, size_t len, int64_t off) {
             settle_locked();
             streaming_ = false;
             const int64_t file_end = size_.load();
+            int no_direct = -1;  // out of order: through the page cache
+            auto pwrite_all = [&](const char* p, size_t n, int64_t at) {
+                write_staging(fd_, no_direct, p, n, at,
+                              [this](int err, int64_t where) { write_failed(err, where); });
+            };
             size_t run = 0, i = 0;  // [run, i) is pending data
             bool tail_skipped = false;
             while (i < len) {
                 size_t n = std::min(
                     kBlock - static_cast<size_t>((off + int64_t(i)) % int64_t(kBlock)), len - i);
-                bool hole =
-                    alone && n == kBlock && off + int64_t(i) >= file_end && all_zero(data + i, n);
+                bool hole = alone && n == kBlock && off + int64_t(i) >= file_end &&
+                            all_zero_block(data + i, n);
                 if (hole) {
-                    if (i > run) pwrite_all(fd_, data + run, i - run, off + int64_t(run));
+                    if (i > run) pwrite_all(data + run, i - run, off + int64_t(run));
                     run = i + n;
                 }
                 tail_skipped = hole;
                 i += n;
             }
-            if (len > run) pwrite_all(fd_, data + run, len - run, off + int64_t(run));
+            if (len > run) pwrite_all(data + run, len - run, off + int64_t(run));
             if (tail_skipped && end > file_end && ::ftruncate(fd_, end) != 0)
                 throw_errno("cannot extend upload data", errno);
         }
